@@ -1162,9 +1162,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         for m in methods:
             results["methods"].setdefault(m.key, {})[t] = study.run_method(data, m, ctx)
+            # An interrupted study keeps what it measured (re-render it with --from_json once complete by hand).
+            (out_dir / f"{stem}.partial.json").write_text(json.dumps(results, indent=1, default=_json_default))
         del ctx, data
     results["wall_seconds"] = time.perf_counter() - started
-    return _finish(results, out_dir, stem, write_json=True)
+    status = _finish(results, out_dir, stem, write_json=True)
+    (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
+    return status
 
 
 def _finish(results: dict, out_dir: Path, stem: str, write_json: bool) -> int:

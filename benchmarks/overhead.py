@@ -105,7 +105,19 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# --attn: the attention implementation of every model built here (None: transformers' default, sdpa). Set in main()
+# before the memory server forks, and passed in each memory spec as well.
+ATTN_IMPLEMENTATION: Optional[str] = None
+
+
 def model_config(section: str, quick: bool):
+    config = _model_config(section, quick)
+    if ATTN_IMPLEMENTATION is not None:
+        config._attn_implementation = ATTN_IMPLEMENTATION
+    return config
+
+
+def _model_config(section: str, quick: bool):
     if section == "vit":
         if quick:
             return ViTConfig(
@@ -387,7 +399,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _memory_child(spec: dict, conn) -> None:
+    global ATTN_IMPLEMENTATION
     try:
+        ATTN_IMPLEMENTATION = spec.get("attn")
         torch.set_num_threads(spec["threads"])
         runner = build_runner(spec["section"], spec["variant"], spec["quick"], spec["seed"], spec["prompts"])
         batch = make_batch(spec["section"], spec["quick"], spec["batch_size"], spec["seed"])
@@ -610,7 +624,8 @@ def run_section(section: str, args) -> SectionResult:
         for name in variants:
             _log(f"[{section}] memory: {name} (fresh process) ...", t0)
             spec = dict(section=section, variant=name, quick=args.quick, seed=args.seed, prompts=args.prompts,
-                        batch_size=args.batch_size, mem_steps=args.mem_steps, threads=args.threads)
+                        batch_size=args.batch_size, mem_steps=args.mem_steps, threads=args.threads,
+                        attn=ATTN_IMPLEMENTATION)
             memory[name], notes[name] = args.memory_server.measure(spec)
     _log(f"[{section}] done", t0)
     return SectionResult(section, title, times, cpu_times, trainable, memory, notes, floor_check=check)
@@ -668,6 +683,9 @@ def parse_args(argv=None):
         "--variants", type=lambda s: [v for v in s.split(",") if v], default=None,
         help=f"comma-separated subset of {sorted(VARIANT_TITLES)} (default: all of each section)",
     )
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default=None,
+                        help="attention implementation (default: transformers' default, sdpa). Swin's prompts are "
+                             "broadcast over windows with eager and copied once per window with sdpa")
     parser.add_argument("--quick", action="store_true", help="tiny ViT and Swin: a smoke run in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--profile", action="store_true", help="also profile one step of plugin vs floor (ViT)")
@@ -697,7 +715,9 @@ def _cycle_note(args, sections: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    global ATTN_IMPLEMENTATION
     args = parse_args(argv)
+    ATTN_IMPLEMENTATION = args.attn
     args.t0 = time.perf_counter()
     # Before anything is computed or allocated here: see MemoryServer.
     args.memory_server = None if args.no_memory else MemoryServer()
@@ -722,6 +742,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"peft {__import__('peft').__version__}, peft_visual_prompt {peft_visual_prompt.__version__}, "
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+        f"attention {args.attn or 'sdpa (default)'}; "
         f"batch {args.batch_size}, {args.prompts} prompts/layer, {args.warmup} warm-up + {args.steps} measured "
         f"interleaved repetitions (Williams-design orders: a full carry-over-balanced cycle is "
         f"{_cycle_note(args, sections)}); memory: "

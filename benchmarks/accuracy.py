@@ -31,7 +31,7 @@ rate) and reused for the other seeds. The first seed's run at the chosen rate is
 runs see the test set. Test accuracy is reported as mean +- sample std over seeds.
 
 Usage:
-    python benchmarks/accuracy.py                    # the CPU study (about 90 minutes on 2 idle cores)
+    python benchmarks/accuracy.py                    # the CPU study (measured: ~105 minutes on 2 idle cores)
     python benchmarks/accuracy.py --scale full       # VTAB-1k-sized protocol (224 px, 800 + 200, 5-point grids): GPU
     python benchmarks/accuracy.py --quick            # one task, one seed, 2 epochs, 2-point grids: a few minutes
     python benchmarks/accuracy.py --from_json benchmarks/results/accuracy.json   # re-render the report
@@ -85,10 +85,12 @@ class Scale:
 
 
 SCALES = {
-    # The CPU study, sized to ~90 minutes on 2 idle cores: 3 tasks x 8 trained methods x (3 grid points + 2 more
+    # The CPU study, sized for ~90 minutes on 2 idle cores: 3 tasks x 8 trained methods x (3 grid points + 2 more
     # seeds) = 120 runs of 5 epochs x 320 images = 192,000 training images at ~0.02-0.026 s each (DINOv2-S at 56 px;
     # a pilot measured 0.045 CPU-s per image single-threaded for VPT-Deep and full fine-tuning alike), plus ~10% for
-    # evaluation, SPT prototypes and features. 320 + 80 keeps VTAB-1k's 4:1 train/val ratio at 40% of its size.
+    # evaluation, SPT prototypes and features. The full run measured ~0.03 s per image (49 s per run), so it takes
+    # ~105 minutes; `--grid_points 2` (96 runs) fits 90. 320 + 80 keeps VTAB-1k's 4:1 train/val ratio at 40% of its
+    # size.
     "default": Scale(image_size=56, train_size=320, val_size=80, test_size=500, epochs=5, batch_size=16,
                      grid_points=3, seeds=[0, 1, 2]),
     # VTAB-1k-sized, for a GPU.

@@ -2,13 +2,14 @@
 subset of the digits task. Checks that the report and the JSON are written with a row for every method, sane values,
 and identical training budgets across methods (accuracy values themselves mean nothing on a random model)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
@@ -17,11 +18,7 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def study_module():
-    spec = importlib.util.spec_from_file_location("pvp_benchmarks_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy")
 
 
 @pytest.fixture(scope="module")

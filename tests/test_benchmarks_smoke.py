@@ -1,12 +1,13 @@
 """Smoke test of benchmarks/overhead.py: the --quick run finishes and prints every row (timings are not checked), and
 the hand-written floor it measures the plugin against really computes what the plugin computes."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
@@ -14,11 +15,7 @@ SCRIPT = ROOT / "benchmarks" / "overhead.py"
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("pvp_benchmarks_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overhead")
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:

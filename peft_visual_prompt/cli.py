@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -402,7 +402,7 @@ def _setup(model_args: ModelArguments, data_args: DataArguments, method: MethodA
         raise CLIError(str(e)) from e
 
     default_data = data_args.dataset_name is None
-    guard = (lambda desc: main_process_first(desc=desc)) if main_process_first else (lambda desc: _null_context())
+    guard = (lambda desc: main_process_first(desc=desc)) if main_process_first else (lambda desc: nullcontext())
     with guard("dataset"):
         raw = load_image_dataset(data_args.dataset_name, config_name=data_args.dataset_config_name,
                                  cache_dir=model_args.cache_dir)
@@ -460,11 +460,6 @@ def _setup(model_args: ModelArguments, data_args: DataArguments, method: MethodA
     }
     return Setup(splits, labels, processor, model, model_path, model_display, run["dataset_display_name"],
                  image_size, run)
-
-
-@contextmanager
-def _null_context():
-    yield
 
 
 def _transform(setup: Setup, data_args: DataArguments, train: bool):

@@ -24,7 +24,7 @@ Methods (one backbone; `Dinov2ForImageClassification`'s head reads CLS + mean of
 
 Protocol: AdamW (weight decay 0), linear warm-up over the first 10% of steps then cosine decay to 0, the same epochs,
 batch size and light augmentation (random resized crop, scale 0.8-1 and aspect 3/4-4/3 as in
-`peft_visual_prompt.data.random_resized_crop`, plus a horizontal flip on textile only: digits are not mirror-symmetric)
+`peft_visual_prompt.cli.data.random_resized_crop`, plus a horizontal flip on textile only: digits are not mirror-symmetric)
 for every method. Each method has its own grid of equally many learning rates (half-decade steps); the learning rate
 is chosen on the first seed's validation accuracy after the last epoch (ties: lower validation loss, then the smaller
 rate) and reused for the other seeds. The first seed's run at the chosen rate is that seed's result. Only the chosen
@@ -168,7 +168,7 @@ class TaskData:
 def _textile_source():
     from PIL import Image
 
-    from peft_visual_prompt.data import default_dataset_dir
+    from peft_visual_prompt.cli.data import default_dataset_dir
 
     root = default_dataset_dir()
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -241,11 +241,11 @@ def _stratified_take(indices: np.ndarray, labels: np.ndarray, n: int, seed: int)
 def load_task(name: str, image_size: int, train_size: int, val_size: int, test_size: int,
               split_seed: int = 0) -> TaskData:
     """Fixed stratified splits (test first, then train and validation from the rest). Images are resized (shortest
-    edge) and centre-cropped to `image_size` once, with `peft_visual_prompt.data.resize_center_crop`, and kept as
+    edge) and centre-cropped to `image_size` once, with `peft_visual_prompt.cli.data.resize_center_crop`, and kept as
     uint8 tensors; training augmentation works on those (see `augment`)."""
     from PIL import Image
 
-    from peft_visual_prompt.data import resize_center_crop
+    from peft_visual_prompt.cli.data import resize_center_crop
 
     title, source, flip = TASKS[name]
     classes, labels, image, description = source()
@@ -281,7 +281,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool, scale=(0.8,
             ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """A batched random resized crop (+ optional horizontal flip) of float images (B, C, S, S) -> (B, C, S, S).
 
-    The same crop distribution as `peft_visual_prompt.data.random_resized_crop` (area fraction U(scale), log aspect
+    The same crop distribution as `peft_visual_prompt.cli.data.random_resized_crop` (area fraction U(scale), log aspect
     U(log ratio), position uniform; sides clipped to the image instead of rejection sampling), done with one
     `affine_grid` + bilinear `grid_sample` on the device, so augmentation never bottlenecks a GPU run. Random numbers
     come from `generator` (CPU), so a run's augmentation depends on its seed only."""
@@ -832,7 +832,7 @@ def _selected_histories(results: dict, method: str, task: str) -> list[dict]:
 
 
 def plot_figures(results: dict, out_dir: Path, stem: str) -> dict[str, str]:
-    from peft_visual_prompt.plots import _pyplot
+    from peft_visual_prompt.cli.plots import _pyplot
 
     backbone_name = results["settings"].get("backbone_name", BACKBONE_NAME)
 
@@ -1119,7 +1119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.model_name_or_path:
         model_path = args.model_name_or_path
     else:
-        from peft_visual_prompt.pretrained import load_dinov2_small
+        from peft_visual_prompt.cli.pretrained import load_dinov2_small
 
         model_path = str(load_dinov2_small())
 

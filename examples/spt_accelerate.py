@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from peft_visual_prompt import VisualPromptConfig, metrics
-from peft_visual_prompt.data import ImageClassificationTransform, collate, default_dataset_dir
+from peft_visual_prompt.cli.data import ImageClassificationTransform, collate, default_dataset_dir
 from peft_visual_prompt.spt import initialize_prompts
 
 
@@ -49,7 +49,7 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     if args.model_name_or_path is None:
-        from peft_visual_prompt.pretrained import load_dinov2_small
+        from peft_visual_prompt.cli.pretrained import load_dinov2_small
 
         with accelerator.main_process_first():  # the main process converts and caches the checkpoint once
             args.model_name_or_path = str(load_dinov2_small())

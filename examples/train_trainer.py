@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 
 import peft_visual_prompt  # noqa: F401  (registers the VISUAL_PROMPT method with PEFT)
 from peft_visual_prompt import VisualPromptConfig, metrics
-from peft_visual_prompt.data import ImageClassificationTransform, collate, default_dataset_dir
+from peft_visual_prompt.cli.data import ImageClassificationTransform, collate, default_dataset_dir
 
 
 def parse_args():
@@ -39,7 +39,7 @@ def parse_args():
 def main():
     args = parse_args()
     if args.model_name_or_path is None:
-        from peft_visual_prompt.pretrained import load_dinov2_small
+        from peft_visual_prompt.cli.pretrained import load_dinov2_small
 
         args.model_name_or_path = str(load_dinov2_small())
 

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft import PeftConfig
 
+from .hub import write_card
 from .registration import VISUAL_PROMPT_PEFT_TYPE
 
 PROMPT_INITS = ("xavier_uniform", "normal", "zeros")
@@ -95,11 +96,6 @@ class VisualPromptConfig(PeftConfig):
             or (isinstance(self.num_prefix_tokens, int) and self.num_prefix_tokens >= 0),
             "num_prefix_tokens", self.num_prefix_tokens, "None or an integer >= 0",
         )
-        if isinstance(self.target_modules, list):
-            self.target_modules = list(self.target_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
-
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -116,8 +112,6 @@ class VisualPromptConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         # PeftModel.save_pretrained writes PEFT's model card first and each adapter's config after it: add this
         # adapter's description to the card here, so every save (and our push_to_hub) carries it.
-        from .hub import write_card
-
         write_card(save_directory, self)
 
 

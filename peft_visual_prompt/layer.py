@@ -1,7 +1,8 @@
 """`VisualPromptLayer`: the `BaseTunerLayer` that wraps one transformer layer and owns its prompts.
 
-Backbone families (`vit.py`, `swin.py`) subclass it and implement `forward`; everything about the prompts themselves
-(parameters, initialisation, projection, dropout, which adapter is active) lives here.
+Backbone families (`backbones/`) subclass it and implement `forward`; everything about the prompts themselves
+(parameters, initialisation, projection, dropout, which adapter is active) lives here, and so does what SPT reads from
+a layer (`received_tokens`, `prompts_and_patches`), so that SPT never imports a backbone module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import VisualPromptConfig
+
+
+CANNOT_MERGE = (
+    "Visual prompts are extra input tokens, not a change to any weight, so they cannot be merged into the "
+    "base model. Use `model.unload()` to get the base model back, or keep the PeftModel for inference."
+)
 
 
 @dataclass(frozen=True)
@@ -139,11 +146,40 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         prompts = prompts.to(dtype).expand(batch_size, -1, -1)
         return self.prompt_dropout[adapter_name](prompts)
 
+    # ------------------------------------------------------------------------------ what SPT reads from a layer
+
+    def received_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The patch tokens of a call to this layer with its adapters disabled (a forward pre-hook's `args` and
+        `kwargs`): the input sequence without the prefix tokens."""
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        return hidden_states[:, self.num_prefix_tokens :]
+
+    def prompts_and_patches(self, adapter_name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompts, patch tokens) that this layer reads when `adapter_name` runs, from the arguments of a call to
+        this wrapper: its own prompts, or (shallow, after the first layer) those carried in from the layer before."""
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        slot = self.prompt_slot[adapter_name]
+        patches = self.patch_tokens(hidden_states, slot)
+        if slot.owns_prompts:
+            return self.prompts(adapter_name, hidden_states.shape[0], torch.float32), patches
+        return self.carried_prompts(hidden_states, slot, kwargs), patches
+
+    def patch_tokens(self, hidden_states: torch.Tensor, slot: PromptSlot) -> torch.Tensor:
+        """The patch tokens in this wrapper's input sequence (families that keep prompts in it override this)."""
+        return hidden_states[:, self.num_prefix_tokens :]
+
+    def carried_prompts(self, hidden_states: torch.Tensor, slot: PromptSlot, kwargs: dict) -> torch.Tensor:
+        """VPT-Shallow: the prompts entering this layer from the layer before."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its carried prompts are.")
+
+    def set_prompts(self, adapter_name: str, values: torch.Tensor) -> None:
+        """Overwrites this layer's stored prompts for `adapter_name` (before any projection)."""
+        param = self.prompt_embeddings[adapter_name]
+        with torch.no_grad():
+            param.copy_(values.to(device=param.device, dtype=param.dtype))
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(
-            "Visual prompts are extra input tokens, not a change to any weight, so they cannot be merged into the "
-            "base model. Use `model.unload()` to get the base model back, or keep the PeftModel for inference."
-        )
+        raise ValueError(CANNOT_MERGE)
 
     def unmerge(self) -> None:
         return None

@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from . import swin, vit
+from .backbones import (
+    FAMILIES,
+    GENERIC_FAMILY,
+    UNSUPPORTED_RELATIVES,
+    config_patch_size,
+    family_for,
+    supported_model_types,
+)
 from .config import VisualPromptConfig
-from .layer import PromptSlot, VisualPromptLayer, layer_width
+from .layer import CANNOT_MERGE, PromptSlot, VisualPromptLayer, layer_width
 from .registration import PREFIX
-
-
-@dataclass(frozen=True)
-class BackboneFamily:
-    """What the tuner needs to know about one family of backbones."""
-
-    layer_cls: type[VisualPromptLayer]
-    target_modules: dict[str, str]  # model_type -> regex over module names
-    num_prefix_tokens: Callable[[dict], int]
-    # Optional, for families whose layers need the whole model: checks an adapter's targets (names, model order)
-    # before anything is wrapped, and wires the wrapped layers together after injection.
-    validate_targets: Optional[Callable[[nn.Module, VisualPromptConfig, list[str]], None]] = None
-    attach: Optional[Callable[[nn.Module], None]] = None
-
-
-FAMILIES: list[BackboneFamily] = [
-    BackboneFamily(vit.ViTPromptLayer, vit.TARGET_MODULES, vit.num_prefix_tokens),
-    BackboneFamily(
-        swin.SwinPromptLayer, swin.TARGET_MODULES, swin.num_prefix_tokens,
-        validate_targets=swin.validate_targets, attach=swin.attach_swin,
-    ),
-]
-
-# Model types whose layers a ViT or Swin wrapper would misread, even with explicit target_modules.
-UNSUPPORTED_RELATIVES = {
-    "swinv2": "Swinv2 uses cosine attention and a continuous position bias",
-    "donut-swin": "Donut-Swin has its own attention code",
-    "beit": "BEiT adds a relative position bias inside each layer",
-    "data2vec-vision": "Data2Vec-Vision adds a relative position bias inside each layer",
-    "vit_mae": "ViT-MAE shuffles and drops patch tokens",
-}
-
-
-def family_for(model_type: Optional[str]) -> Optional[BackboneFamily]:
-    return next((f for f in FAMILIES if model_type in f.target_modules), None)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES for t in f.target_modules)
 
 
 class VisualPromptModel(BaseTuner):
@@ -89,7 +56,7 @@ class VisualPromptModel(BaseTuner):
                 raise ValueError(_unsupported_message(model_type))
             peft_config.target_modules = family.target_modules[model_type]
         if peft_config.num_prefix_tokens is None:
-            peft_config.num_prefix_tokens = family.num_prefix_tokens(model_config) if family else 1
+            peft_config.num_prefix_tokens = (family or GENERIC_FAMILY).num_prefix_tokens(model_config)
         return peft_config
 
     def _prepare_model(self, peft_config: VisualPromptConfig, model: nn.Module) -> None:
@@ -136,13 +103,13 @@ class VisualPromptModel(BaseTuner):
         )
         model_config = self.get_model_config(self.model)
         family = family_for(model_config.get("model_type"))
-        layer_cls = family.layer_cls if family else vit.ViTPromptLayer
+        layer_cls = (family or GENERIC_FAMILY).layer_cls
         if isinstance(target, VisualPromptLayer):
             new_module = target
         else:
             new_module = layer_cls(target, num_prefix_tokens=peft_config.num_prefix_tokens)
         projections = self._projections_for(adapter_name, peft_config, new_module.width)
-        new_module.update_layer(adapter_name, peft_config, slot, _patch_size(model_config), projections)
+        new_module.update_layer(adapter_name, peft_config, slot, config_patch_size(model_config), projections)
         if new_module is not target:
             self._replace_module(parent, target_name, new_module, target)
 
@@ -234,10 +201,7 @@ class VisualPromptModel(BaseTuner):
         return super().unload()
 
     def merge_and_unload(self, *args, **kwargs):
-        raise ValueError(
-            "Visual prompts are extra input tokens, not a change to any weight, so they cannot be merged into the "
-            "base model. Use `model.unload()` to get the base model back, or keep the PeftModel for inference."
-        )
+        raise ValueError(CANNOT_MERGE)
 
     def merge_adapter(self, *args, **kwargs) -> None:
         self.merge_and_unload()
@@ -249,11 +213,6 @@ class VisualPromptModel(BaseTuner):
 
 def _summarise(widths: list[int]) -> str:
     return str(widths) if len(set(widths)) > 1 else f"{widths[0] if widths else '-'} each"
-
-
-def _patch_size(model_config: dict) -> int:
-    patch = model_config.get("patch_size", 16)
-    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
 
 def _unsupported_message(model_type: Optional[str]) -> str:

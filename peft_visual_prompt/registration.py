@@ -1,7 +1,9 @@
-"""Registers VISUAL_PROMPT as a PEFT method.
+"""The method's identity for PEFT: the `PeftType` member, its name and its parameter prefix.
 
 PEFT keeps its methods in a closed enum, `peft.utils.PeftType`, and `register_peft_method` refuses any name that is
-not already a member. A third-party method therefore adds its member to the enum itself, once, at import.
+not already a member. A third-party method therefore adds its member to the enum itself, once, at import. This module
+imports nothing from the package, so every other module can import it; the package's `__init__` then calls
+`register_peft_method`, as PEFT's own method folders do.
 """
 
 from __future__ import annotations
@@ -35,16 +37,3 @@ def _add_peft_type_member(name: str) -> PeftType:
 
 
 VISUAL_PROMPT_PEFT_TYPE = _add_peft_type_member(NAME.upper())
-
-
-def register() -> None:
-    """Fills PEFT's config, tuner and prefix mappings. Safe to call more than once."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import VisualPromptConfig
-    from .model import VisualPromptModel
-
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(VISUAL_PROMPT_PEFT_TYPE) is VisualPromptModel:
-        return
-    register_peft_method(name=NAME, config_cls=VisualPromptConfig, model_cls=VisualPromptModel, prefix=PREFIX)

@@ -57,10 +57,7 @@ from torch import nn
 from .config import SPT_STRATEGIES, VisualPromptConfig
 from .layer import VisualPromptLayer
 
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    TrainerCallback = object
+from transformers import TrainerCallback
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_PER_LAYER",
@@ -733,8 +730,7 @@ def initialize_prompts(
 
     def make_hook(target: _Target):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            tokens = hidden[:, module.num_prefix_tokens :].detach()
+            tokens = module.received_tokens(args, kwargs).detach()
             samples = current["indices"]
             bsz, n_tokens = tokens.shape[0], tokens.shape[1]
             if bsz != len(samples):
@@ -954,28 +950,6 @@ def nmi_from_tokens(prompts: torch.Tensor, patches: torch.Tensor) -> float:
     return float(nmi.clamp(0, 1).mean().item())
 
 
-def _prompts_in_sequence(layer: VisualPromptLayer) -> bool:
-    """ViT-family layers carry the prompts in the token sequence the base layer reads: [prefix, prompts, patches]."""
-    from .vit import ViTPromptLayer
-
-    return isinstance(layer, ViTPromptLayer)
-
-
-def _carried_prompts(layer: VisualPromptLayer, slot, kwargs) -> torch.Tensor:
-    """Shallow prompts entering a layer whose family keeps them out of the token sequence (Swin: a per-forward
-    side channel passed to every block as a keyword argument)."""
-    from . import swin
-
-    carry = kwargs.get(swin.CARRY_KWARG)
-    prompts = carry.prompts.get(slot.index) if carry is not None else None
-    if prompts is None:
-        raise NotImplementedError(
-            f"prompt_patch_nmi cannot see the prompts carried into {type(layer).__name__} (shallow mode). "
-            "Measure a deep adapter instead."
-        )
-    return prompts
-
-
 def prompt_patch_nmi(peft_model, pixel_values: torch.Tensor, *, adapter_name: Optional[str] = None) -> list[float]:
     """SPT's prompt-patch NMI (see `nmi_from_tokens`) at the input of every prompted layer, in layer order.
 
@@ -994,20 +968,9 @@ def prompt_patch_nmi(peft_model, pixel_values: torch.Tensor, *, adapter_name: Op
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_hook(position: int, layer: VisualPromptLayer):
-        slot = layer.prompt_slot[adapter]
-        start = layer.num_prefix_tokens
-
         def hook(module, args, kwargs):
-            hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-            if _prompts_in_sequence(layer):  # hooked on the base layer: [prefix, prompts, patches]
-                prompts = hidden[:, start : start + slot.num_tokens]
-                patches = hidden[:, start + slot.num_tokens :]
-            elif slot.owns_prompts:  # hooked on the wrapper: prompts are the layer's own
-                prompts = layer.prompts(adapter, hidden.shape[0], torch.float32)
-                patches = hidden[:, start:]
-            else:  # shallow, after the first layer: the prompts carried in from the layer before
-                prompts, patches = _carried_prompts(layer, slot, kwargs), hidden[:, start:]
-            captured[position] = (prompts.float(), patches.float())
+            prompts, patches = layer.prompts_and_patches(adapter, args, kwargs)
+            captured[position] = (prompts.detach().float(), patches.detach().float())
 
         return hook
 
@@ -1015,8 +978,7 @@ def prompt_patch_nmi(peft_model, pixel_values: torch.Tensor, *, adapter_name: Op
     handles = []
     try:
         for position, (_, layer) in enumerate(layers):
-            module = layer.base_layer if _prompts_in_sequence(layer) else layer
-            handles.append(module.register_forward_pre_hook(make_hook(position, layer), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(make_hook(position, layer), with_kwargs=True))
         model.eval()
         with torch.no_grad():
             model(pixel_values=pixels)

@@ -31,7 +31,7 @@ from transformers import (
 
 import peft_visual_prompt  # noqa: F401  (registers the method)
 from peft_visual_prompt import VisualPromptConfig
-from peft_visual_prompt.swin import SwinPromptLayer
+from peft_visual_prompt.backbones.swin import SwinPromptLayer
 
 NUM_PROMPTS = 3
 CONFIGS = {

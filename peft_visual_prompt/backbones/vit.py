@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .layer import VisualPromptLayer
-
-try:  # transformers >= 5 records `output_hidden_states` through forward hooks into this collector
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # pragma: no cover - older layouts have no hooks to fix up
-    _active_collector = None
+from ..layer import VisualPromptLayer
+from .base import BackboneFamily, captured_outputs, strip_tokens
 
 
 def num_prefix_tokens(model_config: dict) -> int:
@@ -75,20 +71,24 @@ class ViTPromptLayer(VisualPromptLayer):
             # recorded during this call, so hidden states keep the base layout (dense heads reshape them to a grid).
             for i in range(num_captured, len(captured)):
                 if captured[i] is not None:
-                    captured[i] = _strip(captured[i], start, end)
+                    captured[i] = strip_tokens(captured[i], start, end)
         if slot.is_last:
-            output = _strip(output, start, end)
+            output = strip_tokens(output, start, end)
         return output
 
+    def patch_tokens(self, hidden_states: torch.Tensor, slot) -> torch.Tensor:
+        # Deep layers after the first receive the previous layer's prompt outputs, which they replace.
+        start = self.num_prefix_tokens
+        return hidden_states[:, start:] if slot.is_first else hidden_states[:, start + slot.num_tokens :]
 
-def _strip(tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    return torch.cat([tokens[:, :start], tokens[:, end:]], dim=1)
+    def carried_prompts(self, hidden_states: torch.Tensor, slot, kwargs: dict) -> torch.Tensor:
+        start = self.num_prefix_tokens
+        return hidden_states[:, start : start + slot.num_tokens]
 
 
 def _captured_hidden_states() -> list | None:
-    if _active_collector is None:
-        return None
-    collected = _active_collector.get()
-    if not collected:
-        return None
-    return collected.get("hidden_states")
+    collected = captured_outputs()
+    return collected.get("hidden_states") if collected else None
+
+
+FAMILY = BackboneFamily(ViTPromptLayer, TARGET_MODULES, num_prefix_tokens)

@@ -1,63 +1,9 @@
 """VPT for Swin: `SwinModel`, `SwinForImageClassification`, `SwinBackbone` (and anything else built on `SwinModel`).
 
-Each Swin block (`SwinLayer`, `...encoder.layers.<stage>.blocks.<block>`) is wrapped by a `SwinPromptLayer`. The design
-follows the official VPT Swin code (KMnP/vpt), re-derived, not copied:
-
-Attention
-    A block's prompts (B, P, C) are shared by all of its windows. They go through the block's `layernorm_before` and
-    join every window's attention as extra keys/values; the relative-position bias and the shifted-window mask are
-    padded with zeros at the prompt positions. Nothing else in the window computation changes: padding, cyclic shift,
-    window partition, the -100 shift mask and the window size / shift set by `set_shift_and_window_size` are exactly
-    the base model's. In particular, like the image tokens, prompts attend to the zero tokens Swin pads the feature
-    map with (Swin does not mask them in unshifted windows).
-    Prompt keys/values are projected once per sample and broadcast over the windows: with eager attention the windows
-    are folded into the rows of one matmul (no per-window copy at all); other attention functions (sdpa, ...) need one
-    key/value tensor per window, so there the prompt keys/values are concatenated in front of each window's (one copy
-    of P rows per window, the price of a fused kernel). The original `SwinAttention` module is passed to the attention
-    interface.
-VPT-Deep
-    Every block owns a prompt set at its stage's width. Its prompt outputs are discarded, so prompt queries are not
-    computed at all (except for the very last block when `include_prompts_in_pooling`, see below).
-VPT-Shallow
-    The first prompted block inserts the prompts; they then carry state through the network. In each block the prompt
-    queries attend, per window, to the prompts and that window's tokens; their outputs are averaged over the windows
-    (the average is taken before `o_proj`, which is affine, so it is the same function), then go through the block's
-    residual, drop-path and MLP together with the tokens (concatenated, so stochastic depth drops a sample's prompts and
-    tokens together). At patch merging the prompts are tiled 4x along channels (a prompt has no spatial neighbours:
-    the 2x2 group it merges with is itself) and go through the merge's norm and reduction, which brings them to the
-    next stage's width. The prompted blocks must be consecutive; after the last one the prompts are dropped.
-Outputs
-    Prompts never ride in the token sequence between blocks, so `last_hidden_state`, `hidden_states`,
-    `reshaped_hidden_states`, the pooler and `SwinBackbone` feature maps all cover image tokens only and have the base
-    model's shapes. With eager attention and `output_attentions=True`, a block's attention map is the image queries'
-    one, with the P prompt key columns first: (batch * windows, heads, ws**2, P + ws**2).
-`include_prompts_in_pooling`
-    The reference code's final average pool includes the prompts. With this option the last prompted block (which must
-    be the network's last block, of a model that has a pooler) also outputs its prompts, and `pooler_output` becomes
-    the mean of the final layernorm over image tokens and these prompts. Shallow: the carried prompts. Deep: the last
-    block's own prompt set, run through that block (its outputs are what the reference pools, since deep mode there
-    only replaces prompts at the input of each block). `last_hidden_state` stays image-only.
-
-The shallow side channel
-    Swin's stages `.view` the token sequence as a (B, H, W, C) grid, so carried prompts cannot ride in it. Instead a
-    forward pre-hook on each prompted `SwinModel` puts a fresh `_PromptCarry` into that forward's keyword arguments.
-    `SwinModel` hands its kwargs to the encoder, the encoder to each `SwinStage`, and each stage to each block, so the
-    carry reaches every block as an explicit argument, one object per forward call. Block k reads its input prompts
-    from `carry.prompts[k]` and writes its output to `carry.prompts[k + 1]`, never popping: under gradient
-    checkpointing a recomputed stage (transformers checkpoints `SwinStage.forward` as well as `SwinLayer.forward`, and
-    binds the stage's kwargs, carry included, into the checkpoint) re-reads the same entries of the same forward, even
-    when several forwards ran before one backward. A block's own checkpoint takes the tokens, prompts and shift mask as
-    explicit inputs and the window size and shift as constants captured at forward time.
-    Thread safety: no state is shared between forward calls except the base model's own (`set_shift_and_window_size`
-    mutates Swin blocks, as in the base model), so concurrent forwards on one model are as safe as they are for the base
-    model. The hooks are removed by `unload()`. Calling a prompted Swin encoder or stage directly, bypassing
-    `SwinModel`, works in deep mode only (shallow prompts then have no carrier: a clear error says so).
-
-Limitations (clear errors): reentrant gradient checkpointing (prompt gradients would silently be None: use
-`activation_checkpointing_enable()`, whose default is non-reentrant, or pass `{"use_reentrant": False}`);
-inputs whose feature map is smaller than the window (transformers 5.x Swin itself cannot run them: it shrinks the window
-but keeps the relative-position bias of the configured window, and the base model fails with a size mismatch; a feature
-map equal to the window, which only turns the shift off, works); Swinv2 and Donut-Swin (their own attention code).
+Each Swin block (`SwinLayer`) is wrapped by a `SwinPromptLayer`. A block's prompts are shared by all of its windows and
+join every window's attention as extra keys and values; shallow prompts travel between blocks in a per-forward side
+channel, because Swin's stages view the token sequence as a grid. The design, re-derived from the official VPT code
+(KMnP/vpt), its outputs and its limits are written up in `docs/swin.md`.
 """
 
 from __future__ import annotations
@@ -78,13 +24,9 @@ from transformers.models.swin.modeling_swin import (
     window_reverse,
 )
 
-from .config import VisualPromptConfig
-from .layer import PromptSlot, VisualPromptLayer
-
-try:  # transformers >= 5 records `output_*` through forward hooks into this collector
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # pragma: no cover
-    _active_collector = None
+from ..config import VisualPromptConfig
+from ..layer import PromptSlot, VisualPromptLayer
+from .base import BackboneFamily, captured_outputs
 
 
 TARGET_MODULES = {"swin": r"(.*\.)?encoder\.layers\.\d+\.blocks\.\d+"}
@@ -137,6 +79,13 @@ class SwinPromptLayer(VisualPromptLayer):
         if adapter is None:
             return False
         return not self.prompt_slot[adapter].deep or self.pool_prompts.get(adapter, False)
+
+    def carried_prompts(self, hidden_states: torch.Tensor, slot: PromptSlot, kwargs: dict) -> torch.Tensor:
+        carry = kwargs.get(CARRY_KWARG)
+        prompts = carry.prompts.get(slot.index) if carry is not None else None
+        if prompts is None:
+            raise RuntimeError(_NO_CARRY)
+        return prompts
 
     def unload_and_optionally_merge_module(self, merge: bool = False, safe_merge: bool = False,
                                            adapter_names: Optional[list[str]] = None) -> nn.Module:
@@ -382,7 +331,7 @@ def merge_prompts(merging: SwinPatchMerging, prompts: torch.Tensor) -> torch.Ten
 def _wants_attentions(kwargs: dict) -> bool:
     if kwargs.get("output_attentions"):
         return True
-    collected = _active_collector.get() if _active_collector is not None else None
+    collected = captured_outputs()
     return bool(collected) and "attentions" in collected
 
 
@@ -518,3 +467,8 @@ def _remove_hooks(module: nn.Module) -> None:
                 del hooks[hook_id]
                 for extra in extras:
                     extra.pop(hook_id, None)
+
+
+FAMILY = BackboneFamily(
+    SwinPromptLayer, TARGET_MODULES, num_prefix_tokens, validate_targets=validate_targets, attach=attach_swin
+)

@@ -30,7 +30,7 @@ from typing import Optional
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-from .config import SPT_STRATEGIES
+from ..config import SPT_STRATEGIES
 from .data import (
     TEXTILE_DATASET_NAME,
     DataError,
@@ -363,7 +363,7 @@ def _resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[str]:
 
 def _spt():
     try:
-        from . import spt
+        from .. import spt
     except ImportError as e:
         raise CLIError(f"SPT initialisation is unavailable ({e}); pass --init xavier_uniform.") from e
     return spt
@@ -391,7 +391,7 @@ def _setup(model_args: ModelArguments, data_args: DataArguments, method: MethodA
     """Loads and checks everything; writes nothing outside caches. Raises CLIError/DataError on user mistakes."""
     from peft import get_peft_model
 
-    from . import VisualPromptConfig
+    from .. import VisualPromptConfig
 
     if method.init in SPT_STRATEGIES and model_args.adapter_name_or_path is None:
         _spt()  # fail before any loading when SPT is missing
@@ -1063,7 +1063,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_usage())
         return 0 if argv else EXIT_USAGE
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(f"peft-visual-prompt {__version__}")
         return 0

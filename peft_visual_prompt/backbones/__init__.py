@@ -1,0 +1,38 @@
+"""The family table: every backbone family the tuner supports, one row each (`family.FAMILY`).
+
+Adding a family is one file in this folder that defines its `VisualPromptLayer` subclass and its `FAMILY` row, plus
+that row in `FAMILIES` below. Nothing else in the package names a family.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import swin, vit
+from .base import BackboneFamily, config_patch_size
+
+FAMILIES: list[BackboneFamily] = [vit.FAMILY, swin.FAMILY]
+
+# Model types whose layers a supported family's wrapper would misread, even with explicit target_modules.
+UNSUPPORTED_RELATIVES = {
+    "swinv2": "Swinv2 uses cosine attention and a continuous position bias",
+    "donut-swin": "Donut-Swin has its own attention code",
+    "beit": "BEiT adds a relative position bias inside each layer",
+    "data2vec-vision": "Data2Vec-Vision adds a relative position bias inside each layer",
+    "vit_mae": "ViT-MAE shuffles and drops patch tokens",
+}
+
+# For `target_modules` on a ViT-like model of no supported type: its layers take (hidden_states, attention_mask).
+GENERIC_FAMILY = vit.FAMILY
+
+
+def family_for(model_type: Optional[str]) -> Optional[BackboneFamily]:
+    return next((f for f in FAMILIES if model_type in f.target_modules), None)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.target_modules)
+
+
+__all__ = ["BackboneFamily", "FAMILIES", "GENERIC_FAMILY", "UNSUPPORTED_RELATIVES", "config_patch_size", "family_for",
+           "supported_model_types"]

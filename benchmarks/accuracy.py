@@ -401,7 +401,7 @@ class Study:
     def test_accuracy(self, predictor, inputs, labels, transform=None) -> float:
         """Reported test accuracy, through the package's offline `evaluate` accuracy metric."""
         if self.metric is None:
-            from peft_visual_prompt import metrics
+            from peft_visual_prompt.cli import metrics
 
             self.metric = metrics.load("accuracy")
         logits = self.predict(predictor, inputs, transform)

@@ -22,7 +22,8 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from peft_visual_prompt import VisualPromptConfig, metrics
+from peft_visual_prompt import VisualPromptConfig
+from peft_visual_prompt.cli import metrics
 from peft_visual_prompt.cli.data import ImageClassificationTransform, collate, default_dataset_dir
 from peft_visual_prompt.spt import initialize_prompts
 

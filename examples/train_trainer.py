@@ -16,7 +16,8 @@ from peft import get_peft_model
 from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
 
 import peft_visual_prompt  # noqa: F401  (registers the VISUAL_PROMPT method with PEFT)
-from peft_visual_prompt import VisualPromptConfig, metrics
+from peft_visual_prompt import VisualPromptConfig
+from peft_visual_prompt.cli import metrics
 from peft_visual_prompt.cli.data import ImageClassificationTransform, collate, default_dataset_dir
 
 

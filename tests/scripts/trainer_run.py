@@ -14,7 +14,8 @@ from tiny_models import tiny_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import peft_visual_prompt  # noqa: E402
-from peft_visual_prompt import VisualPromptConfig, metrics  # noqa: E402
+from peft_visual_prompt import VisualPromptConfig  # noqa: E402
+from peft_visual_prompt.cli import metrics
 
 
 class CountSteps(TrainerCallback):

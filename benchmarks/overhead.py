@@ -187,7 +187,7 @@ class FloorVPT(nn.Module):
         layers = plugin_prompt_layers(peft_model)
         assert len(layers) == len(self.prompts), (len(layers), len(self.prompts))
         for mine, layer in zip(self.prompts, layers):
-            mine.copy_(layer.prompt_embeddings[adapter_name])
+            mine.copy_(layer.visual_prompt_embeddings[adapter_name])
         head = peft_model.get_submodule("base_model.model.classifier")
         if hasattr(head, "modules_to_save"):  # PEFT's ModulesToSaveWrapper: the trained copy
             head = head.modules_to_save[adapter_name]
@@ -302,7 +302,7 @@ def compare_floor_and_plugin(
     with torch.no_grad():
         logits_plain = plain(pixel_values=pixel_values).logits
 
-    plugin_grads = [layer.prompt_embeddings["default"].grad for layer in plugin_prompt_layers(peft_model)]
+    plugin_grads = [layer.visual_prompt_embeddings["default"].grad for layer in plugin_prompt_layers(peft_model)]
     plugin_head = peft_model.get_submodule("base_model.model.classifier").modules_to_save["default"]
     plugin_grads += [plugin_head.weight.grad, plugin_head.bias.grad]
     floor_grads = [p.grad for p in floor.prompts] + [floor.model.classifier.weight.grad, floor.model.classifier.bias.grad]

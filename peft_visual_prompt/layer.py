@@ -73,23 +73,29 @@ def init_prompts_(prompts: torch.Tensor, method: str, patch_size: int) -> None:
 class VisualPromptLayer(nn.Module, BaseTunerLayer):
     """Wraps a transformer layer (`base_layer`) and holds, per adapter, the prompts this layer inserts.
 
+    Parameter names carry the method's prefix (`visual_prompt_`), as every PEFT method's do, so that PEFT's and
+    transformers' key renaming, missing-key reports and trainability marking apply to them unmodified.
+
     The projection (VPT's "project" option) is one Linear per adapter and token width, shared by all layers of that
-    width. It is owned by the tuner (`VisualPromptModel.prompt_projection`), so it is saved once, and layers keep an
-    unregistered reference to the tuner's container.
+    width. The first layer of each width registers it (`visual_prompt_projection`), so it is saved once and lives in
+    the model itself (transformers' `load_adapter` keeps no tuner object); every layer reads it through
+    `projection(adapter)`.
     """
 
-    adapter_layer_names = ("prompt_embeddings",)
-    other_param_names = ("prompt_slot", "prompt_dropout")
+    adapter_layer_names = ("visual_prompt_embeddings", "visual_prompt_projection")
+    other_param_names = ("prompt_slot", "prompt_dropout", "shared_projection")
 
     def __init__(self, base_layer: nn.Module, num_prefix_tokens: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.num_prefix_tokens = num_prefix_tokens
         self.width = layer_width(base_layer)
-        self.prompt_embeddings = nn.ParameterDict()
+        self.visual_prompt_embeddings = nn.ParameterDict()
+        self.visual_prompt_projection = nn.ModuleDict()
         self.prompt_dropout = nn.ModuleDict()
         self.prompt_slot: dict[str, PromptSlot] = {}
-        self.__dict__["_projections"] = None  # unregistered: see the class docstring
+        # adapter -> the Linear of this width, registered on one layer only (see the class docstring)
+        self.shared_projection: dict[str, nn.Linear] = {}
         self._active_adapter = []
         self._disable_adapters = False
         self.merged_adapters = []
@@ -100,16 +106,22 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         config: VisualPromptConfig,
         slot: PromptSlot,
         patch_size: int,
-        projections: Optional[nn.ModuleDict],
+        projection: Optional[nn.Linear] = None,
     ) -> None:
+        """Adds `adapter_name`'s prompts. `projection`: the adapter's Linear for this width when `projection_dim` is
+        set; None makes this layer create and register it (the first layer of its width)."""
         self.prompt_slot[adapter_name] = slot
         self.prompt_dropout[adapter_name] = nn.Dropout(config.prompt_dropout)
-        self.__dict__["_projections"] = projections
         if slot.owns_prompts:
             dim = config.projection_dim or self.width
             prompts = nn.Parameter(torch.empty(slot.num_tokens, dim, **self._adapter_dtype_device()))
             init_prompts_(prompts, config.prompt_init, patch_size)
-            self.prompt_embeddings[adapter_name] = prompts
+            self.visual_prompt_embeddings[adapter_name] = prompts
+            if config.projection_dim is not None:
+                if projection is None:
+                    projection = nn.Linear(config.projection_dim, self.width, **self._adapter_dtype_device())
+                    self.visual_prompt_projection[adapter_name] = projection
+                self.shared_projection[adapter_name] = projection
         if not self._active_adapter:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)
         else:
@@ -140,9 +152,10 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
 
     def prompts(self, adapter_name: str, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         """This layer's prompts for `adapter_name`, projected, batched and dropped out: (batch, tokens, width)."""
-        prompts = self.prompt_embeddings[adapter_name]
-        if self._projections is not None and adapter_name in self._projections:
-            prompts = self._projections[adapter_name][str(self.width)](prompts)
+        prompts = self.visual_prompt_embeddings[adapter_name]
+        projection = self.shared_projection.get(adapter_name)
+        if projection is not None:
+            prompts = projection(prompts)
         prompts = prompts.to(dtype).expand(batch_size, -1, -1)
         return self.prompt_dropout[adapter_name](prompts)
 
@@ -172,9 +185,13 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         """VPT-Shallow: the prompts entering this layer from the layer before."""
         raise NotImplementedError(f"{type(self).__name__} does not say where its carried prompts are.")
 
+    def projection(self, adapter_name: str) -> Optional[nn.Linear]:
+        """The adapter's projection Linear for this layer's width (shared by those layers), or None."""
+        return self.shared_projection.get(adapter_name)
+
     def set_prompts(self, adapter_name: str, values: torch.Tensor) -> None:
         """Overwrites this layer's stored prompts for `adapter_name` (before any projection)."""
-        param = self.prompt_embeddings[adapter_name]
+        param = self.visual_prompt_embeddings[adapter_name]
         with torch.no_grad():
             param.copy_(values.to(device=param.device, dtype=param.dtype))
 

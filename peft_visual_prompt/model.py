@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
@@ -16,7 +17,9 @@ from .backbones import (
     family_for,
     supported_model_types,
 )
+from .checks import check_bounds, check_loaded_prompts, check_targets_are_layers, check_widths, upgrade_legacy_keys
 from .config import VisualPromptConfig
+from .heads import find_heads
 from .layer import CANNOT_MERGE, PromptSlot, VisualPromptLayer, layer_width
 from .registration import PREFIX
 
@@ -38,15 +41,11 @@ class VisualPromptModel(BaseTuner):
                 f"VisualPromptModel needs a VisualPromptConfig, got {type(config).__name__} "
                 f"(peft_type={getattr(config, 'peft_type', None)!r})."
             )
-        if "prompt_projection" not in self._modules:
-            # Tuner-level container: PEFT saves a BaseTuner's own parameters with the adapter (as it does for VeRA).
-            self.prompt_projection = nn.ModuleDict()
 
     def _prepare_adapter_config(self, peft_config: VisualPromptConfig, model_config: dict) -> VisualPromptConfig:
         if peft_config.modules_to_save is None:
-            # A classification head is new for the task, so it trains and is saved with the prompts.
-            head = getattr(self.model, "classifier", None)
-            peft_config.modules_to_save = ["classifier"] if isinstance(head, nn.Module) else []
+            # Heads are new for the task, so they train and are saved with the prompts.
+            peft_config.modules_to_save = find_heads(self.model)
         model_type = model_config.get("model_type")
         family = family_for(model_type)
         if model_type in UNSUPPORTED_RELATIVES:
@@ -61,27 +60,25 @@ class VisualPromptModel(BaseTuner):
 
     def _prepare_model(self, peft_config: VisualPromptConfig, model: nn.Module) -> None:
         """Finds this adapter's prompted layers in model order, before PEFT wraps them one at a time, so that each
-        wrapper knows its place in the span (first inserts, last strips). Also checks a loaded adapter's layer widths
-        against this backbone, before any weight is touched."""
+        wrapper knows its place in the span (first inserts, last strips). Checks everything about the adapter that
+        the model decides (targets, widths, bounds) before any weight is allocated or touched."""
         targets = [
             name for name, _ in model.named_modules() if name and self._check_target_module_exists(peft_config, name)
         ]
         targets = [t for t in targets if not any(t.startswith(o + ".") for o in targets)]  # outermost only
-        family = family_for(self.get_model_config(model).get("model_type"))
+        model_config = self.get_model_config(model)
+        family = family_for(model_config.get("model_type"))
         if family is not None and family.validate_targets is not None:
-            family.validate_targets(model, peft_config, targets)
+            family.validate_targets(model, peft_config, targets)  # its own, more specific messages first
+        check_targets_are_layers(model, targets)
         widths = [layer_width(model.get_submodule(t)) for t in targets]
+        check_widths(peft_config, widths)
+        default_prefix = (family or GENERIC_FAMILY).num_prefix_tokens(model_config)
+        check_bounds(peft_config, model, model_config, widths, default_prefix)
         if peft_config.prompted_layer_widths is None:
             peft_config.prompted_layer_widths = widths
-        elif list(peft_config.prompted_layer_widths) != widths:
-            raise ValueError(
-                "This visual-prompt adapter does not fit this backbone: it was made for "
-                f"{len(peft_config.prompted_layer_widths)} prompted layers of widths "
-                f"{_summarise(peft_config.prompted_layer_widths)}, but this model has {len(widths)} matching layers "
-                f"of widths {_summarise(widths)}. Load it onto the base model it was trained with"
-                + (f" ({peft_config.base_model_name_or_path})." if peft_config.base_model_name_or_path else ".")
-            )
         self._pending_targets = targets
+        self._pending_projections: dict[int, nn.Linear] = {}  # width -> this adapter's projection
 
     def _create_and_replace(
         self,
@@ -108,8 +105,10 @@ class VisualPromptModel(BaseTuner):
             new_module = target
         else:
             new_module = layer_cls(target, num_prefix_tokens=peft_config.num_prefix_tokens)
-        projections = self._projections_for(adapter_name, peft_config, new_module.width)
-        new_module.update_layer(adapter_name, peft_config, slot, config_patch_size(model_config), projections)
+        projection = self._pending_projections.get(new_module.width)
+        new_module.update_layer(adapter_name, peft_config, slot, config_patch_size(model_config), projection)
+        if new_module.projection(adapter_name) is not None:
+            self._pending_projections[new_module.width] = new_module.projection(adapter_name)
         if new_module is not target:
             self._replace_module(parent, target_name, new_module, target)
 
@@ -124,68 +123,45 @@ class VisualPromptModel(BaseTuner):
     def _record_trainable_parameters(self, model: nn.Module, config: VisualPromptConfig, adapter_name: str) -> None:
         """For the model card: this adapter's prompts and projection plus its `modules_to_save`, which is what trains.
         Counted from the modules, since PEFT may not have wrapped the heads yet."""
-        prompts = sum(
-            m.prompt_embeddings[adapter_name].numel() for m in model.modules()
-            if isinstance(m, VisualPromptLayer) and adapter_name in m.prompt_embeddings
+        layers = [m for m in model.modules() if isinstance(m, VisualPromptLayer)]
+        adapter_params = sum(
+            layer.visual_prompt_embeddings[adapter_name].numel() for layer in layers
+            if adapter_name in layer.visual_prompt_embeddings
+        ) + sum(
+            p.numel() for layer in layers if adapter_name in layer.visual_prompt_projection
+            for p in layer.visual_prompt_projection[adapter_name].parameters()
         )
-        projection = self.prompt_projection[adapter_name] if adapter_name in self.prompt_projection else nn.Module()
         heads = sum(
             p.numel() for name, module in model.named_modules()
             if any(name == m or name.endswith("." + m) for m in config.modules_to_save or [])
             # PEFT may already have wrapped the head (ModulesToSaveWrapper): count one copy
             for p in getattr(module, "original_module", module).parameters()
         )
-        config.num_trainable_parameters = prompts + sum(p.numel() for p in projection.parameters()) + heads
-
-    def _projections_for(self, adapter_name: str, config: VisualPromptConfig, width: int) -> nn.ModuleDict:
-        if config.projection_dim is None:
-            return self.prompt_projection
-        if adapter_name not in self.prompt_projection:
-            self.prompt_projection[adapter_name] = nn.ModuleDict()
-        per_width = self.prompt_projection[adapter_name]
-        if str(width) not in per_width:
-            per_width[str(width)] = nn.Linear(config.projection_dim, width)
-            if adapter_name not in self.active_adapters or config.inference_mode:
-                per_width.requires_grad_(False)
-        return self.prompt_projection
+        config.num_trainable_parameters = adapter_params + heads
 
     @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # The projection is keyed [adapter][width], so the adapter name is not second to last as PEFT's default
-        # expects: drop it here, so a projection saved under one adapter name loads under another.
-        marker = f"prompt_projection.{adapter_name}."
-        if key.startswith(marker) or f".{marker}" in key:
-            return key.replace(marker, "prompt_projection.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        """Reads adapters saved by 0.1.0 (unprefixed keys) too, and checks the adapter's tensors against the config
+        and the model: any prompted layer without prompts, extra prompt keys or a shape that disagrees is an error
+        naming the layers, instead of prompts silently left at their random initialisation."""
+        state_dict = upgrade_legacy_keys(model, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_loaded_prompts(model, config, adapter_name, remapped)
+        return remapped
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names= (a different adapter per row) is not supported by visual prompts yet: every row would "
+                "run with the active adapter. Split the batch by adapter and call model.set_adapter(name) for each."
+            )
+        yield
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # PEFT's version copies `weight`/`bias` onto wrappers of single weight layers; ours wrap whole transformer
         # layers, and prompts are created on the base layer's device already.
         setattr(parent, child_name, new_module)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        self._set_projection_grad()
-
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._set_projection_grad(inference_mode)
-
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
-        self._set_projection_grad(force_off=not enabled)
-
-    def _set_projection_grad(self, inference_mode: bool = False, force_off: bool = False) -> None:
-        for name, per_width in self.prompt_projection.items():
-            trainable = name in self.active_adapters and not inference_mode and not force_off
-            if self.peft_config.get(name) is not None and self.peft_config[name].inference_mode:
-                trainable = False
-            per_width.requires_grad_(trainable)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        if adapter_name in self.prompt_projection:
-            del self.prompt_projection[adapter_name]
 
     def unload(self) -> nn.Module:
         """Returns the original model: prompt layers unwrapped and the original heads back.
@@ -209,10 +185,6 @@ class VisualPromptModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Prompts are created in the base layer's dtype and cast to the activations' dtype in forward.
         return None
-
-
-def _summarise(widths: list[int]) -> str:
-    return str(widths) if len(set(widths)) > 1 else f"{widths[0] if widths else '-'} each"
 
 
 def _unsupported_message(model_type: Optional[str]) -> str:

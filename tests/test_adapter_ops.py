@@ -17,8 +17,9 @@ def test_only_prompts_and_head_train(capsys):
     assert f"trainable params: {expected:,} ||" in capsys.readouterr().out
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable == (
-        {f"base_model.model.vit.layers.{i}.prompt_embeddings.default" for i in range(3)}
-        | {"base_model.prompt_projection.default.32.weight", "base_model.prompt_projection.default.32.bias"}
+        {f"base_model.model.vit.layers.{i}.visual_prompt_embeddings.default" for i in range(3)}
+        | {"base_model.model.vit.layers.0.visual_prompt_projection.default.weight",
+           "base_model.model.vit.layers.0.visual_prompt_projection.default.bias"}
         | {"base_model.model.classifier.modules_to_save.default.weight",
            "base_model.model.classifier.modules_to_save.default.bias"}
     )

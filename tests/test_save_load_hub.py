@@ -34,8 +34,9 @@ def test_saved_files_hold_only_prompts_projection_and_head(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert sorted(tensors) == sorted(
-        [f"base_model.model.vit.layers.{i}.prompt_embeddings" for i in range(3)]
-        + ["base_model.prompt_projection.32.weight", "base_model.prompt_projection.32.bias",
+        [f"base_model.model.vit.layers.{i}.visual_prompt_embeddings" for i in range(3)]
+        + ["base_model.model.vit.layers.0.visual_prompt_projection.weight",
+           "base_model.model.vit.layers.0.visual_prompt_projection.bias",
            "base_model.model.classifier.weight", "base_model.model.classifier.bias"]
     )
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -92,7 +92,7 @@ def randomize_prompts(peft_model, seed: int, adapter: str | None = None) -> None
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in prompt_layers(peft_model):
-            for name, prompts in layer.prompt_embeddings.items():
+            for name, prompts in layer.visual_prompt_embeddings.items():
                 if adapter is None or name == adapter:
                     prompts.copy_(torch.randn(prompts.shape, generator=gen))
 
@@ -110,9 +110,9 @@ def plugin_prompts(peft_model, adapter: str = "default") -> dict[int, torch.Tens
     swin = swin_of(peft_model.get_base_model())
     blocks = [block for stage in swin.encoder.layers for block in stage.blocks]
     return {
-        i: block.prompt_embeddings[adapter].detach().clone()
+        i: block.visual_prompt_embeddings[adapter].detach().clone()
         for i, block in enumerate(blocks)
-        if isinstance(block, SwinPromptLayer) and adapter in block.prompt_embeddings
+        if isinstance(block, SwinPromptLayer) and adapter in block.visual_prompt_embeddings
     }
 
 
@@ -512,7 +512,7 @@ def test_only_prompts_and_classifier_train():
     for deep in (True, False):
         _, peft_model = prompted_pair("w4", deep=deep)
         trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-        prompt_names = {n for n in trainable if ".prompt_embeddings." in n}
+        prompt_names = {n for n in trainable if ".visual_prompt_embeddings." in n}
         assert len(prompt_names) == (6 if deep else 1)
         assert trainable - prompt_names and all("classifier" in n for n in trainable - prompt_names)
 
@@ -592,7 +592,7 @@ def test_bf16_autocast_is_close_to_fp32(attn, deep):
     torch.testing.assert_close(bf16.float(), fp32, atol=0.1, rtol=0.05)
     base_error = (base_bf16.float() - base_fp32).abs().max()
     assert (bf16.float() - fp32).abs().max() <= 3 * base_error + 0.02
-    grads = [p.grad for layer in prompt_layers(peft_model) for p in layer.prompt_embeddings.values()]
+    grads = [p.grad for layer in prompt_layers(peft_model) for p in layer.visual_prompt_embeddings.values()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 

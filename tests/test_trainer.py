@@ -39,7 +39,7 @@ def test_checkpoints_hold_only_adapter_files(full_run):
         assert files <= ADAPTER_FILES | TRAINER_STATE_FILES, files
         assert {"adapter_model.safetensors", "adapter_config.json"} <= files
         tensors = load_file(output / checkpoint / "adapter_model.safetensors")
-        assert all("prompt_embeddings" in k or "classifier" in k for k in tensors), sorted(tensors)
+        assert all("visual_prompt_embeddings" in k or "classifier" in k for k in tensors), sorted(tensors)
 
 
 def test_backbone_weights_are_unchanged(full_run):

@@ -59,7 +59,7 @@ def test_interpolate_pos_encoding_at_another_resolution():
 
 def test_projection_maps_prompts_to_hidden_size():
     reference_base, peft_model = _wrapped("vit", "sdpa", True, projection_dim=6)
-    projection = peft_model.base_model.prompt_projection["default"]["32"]
+    projection = peft_model.base_model.model.vit.layers[0].visual_prompt_projection["default"]
     raw = prompts_of(peft_model)
     assert all(p.shape == (4, 6) for p in raw)
     x = pixels()

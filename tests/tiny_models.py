@@ -93,5 +93,5 @@ def prompts_of(peft_model, adapter: str = "default") -> list[torch.Tensor]:
     """The prompt parameters of each prompted layer, in model order (shallow: only the first layer has any)."""
     from peft_visual_prompt import VisualPromptLayer
 
-    return [m.prompt_embeddings[adapter] for m in peft_model.modules()
-            if isinstance(m, VisualPromptLayer) and adapter in m.prompt_embeddings]
+    return [m.visual_prompt_embeddings[adapter] for m in peft_model.modules()
+            if isinstance(m, VisualPromptLayer) and adapter in m.visual_prompt_embeddings]

@@ -70,9 +70,9 @@ class SwinPromptLayer(VisualPromptLayer):
         self.__dict__["_swin_model"] = None
 
     def update_layer(self, adapter_name: str, config: VisualPromptConfig, slot: PromptSlot, patch_size: int,
-                     projections) -> None:
+                     projection=None) -> None:
         self.pool_prompts[adapter_name] = bool(config.include_prompts_in_pooling)
-        super().update_layer(adapter_name, config, slot, patch_size, projections)
+        super().update_layer(adapter_name, config, slot, patch_size, projection)
 
     def needs_carry(self) -> bool:
         adapter = self.active_prompt_adapter()

@@ -357,8 +357,8 @@ def _quiet() -> None:
 def _prompt_layers(peft_model) -> dict[str, torch.Tensor]:
     from peft_visual_prompt import VisualPromptLayer
 
-    return {name: m.prompt_embeddings["default"] for name, m in peft_model.named_modules()
-            if isinstance(m, VisualPromptLayer) and "default" in m.prompt_embeddings}
+    return {name: m.visual_prompt_embeddings["default"] for name, m in peft_model.named_modules()
+            if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings}
 
 
 # ----------------------------------------------------------------------------------------------------------- training

@@ -72,7 +72,7 @@ def main():
     plain = ImageClassificationTransform(processor, args.image_size, train=False)
     spt_loader = DataLoader(train.with_transform(plain), batch_size=args.batch_size, collate_fn=collate)
     info = initialize_prompts(model, spt_loader, args.strategy, accelerator=accelerator, seed=args.seed)
-    prompts = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "prompt_embeddings" in n])
+    prompts = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "visual_prompt_embeddings" in n])
     checksums = accelerator.gather(prompts.double().sum().reshape(1).to(accelerator.device))
     ranks_agree = bool((checksums == checksums[0]).all())
 

@@ -75,26 +75,47 @@ class VisualPromptConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = VISUAL_PROMPT_PEFT_TYPE
         _check(
-            isinstance(self.num_prompt_tokens, int) and not isinstance(self.num_prompt_tokens, bool)
-            and self.num_prompt_tokens >= 1,
+            _is_int(self.num_prompt_tokens) and self.num_prompt_tokens >= 1,
             "num_prompt_tokens", self.num_prompt_tokens, "an integer >= 1",
         )
         _check(isinstance(self.deep, bool), "deep", self.deep, "True (VPT-Deep) or False (VPT-Shallow)")
         _check(
-            isinstance(self.prompt_dropout, (int, float)) and 0.0 <= self.prompt_dropout < 1.0,
+            isinstance(self.prompt_dropout, (int, float)) and not isinstance(self.prompt_dropout, bool)
+            and 0.0 <= self.prompt_dropout < 1.0,
             "prompt_dropout", self.prompt_dropout, "a float in [0, 1)",
         )
         _check(
             self.projection_dim is None
-            or (isinstance(self.projection_dim, int) and not isinstance(self.projection_dim, bool)
-                and self.projection_dim > 0),
+            or (_is_int(self.projection_dim) and self.projection_dim > 0),
             "projection_dim", self.projection_dim, "None or an integer > 0",
         )
         _check(self.prompt_init in PROMPT_INITS, "prompt_init", self.prompt_init, f"one of {PROMPT_INITS}")
         _check(
-            self.num_prefix_tokens is None
-            or (isinstance(self.num_prefix_tokens, int) and self.num_prefix_tokens >= 0),
+            self.num_prefix_tokens is None or (_is_int(self.num_prefix_tokens) and self.num_prefix_tokens >= 0),
             "num_prefix_tokens", self.num_prefix_tokens, "None or an integer >= 0",
+        )
+        self._check_containers()
+
+    def _check_containers(self) -> None:
+        """The non-numeric fields, which JSON or a caller can fill with the wrong type just as easily."""
+        _check(
+            self.target_modules is None or isinstance(self.target_modules, str) or _is_str_list(self.target_modules),
+            "target_modules", self.target_modules, "None, a regex string, or a list of module names",
+        )
+        _check(
+            self.modules_to_save is None or _is_str_list(self.modules_to_save),
+            "modules_to_save", self.modules_to_save, "None or a list of module names, e.g. ['classifier']",
+        )
+        _check(
+            isinstance(self.include_prompts_in_pooling, bool), "include_prompts_in_pooling",
+            self.include_prompts_in_pooling, "True or False",
+        )
+        _check(self.spt_init is None or isinstance(self.spt_init, dict), "spt_init", self.spt_init, "None or a dict")
+        _check(
+            self.prompted_layer_widths is None
+            or (isinstance(self.prompted_layer_widths, list) and all(_is_int(w) and w > 0
+                                                                     for w in self.prompted_layer_widths)),
+            "prompted_layer_widths", self.prompted_layer_widths, "None or a list of positive integers",
         )
 
     @classmethod
@@ -118,3 +139,11 @@ class VisualPromptConfig(PeftConfig):
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"VisualPromptConfig.{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)

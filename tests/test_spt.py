@@ -18,13 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import VIT_FAMILY, tiny_model  # noqa: E402
 
-from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer, spt  # noqa: E402
+from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer  # noqa: E402
 from peft_visual_prompt.spt import (  # noqa: E402
     PromptPatchNMICallback,
     initialize_prompts,
     kmeans,
     prompt_patch_nmi,
 )
+from peft_visual_prompt.spt.clustering import _lloyd  # noqa: E402
+from peft_visual_prompt.spt.comm import Comm  # noqa: E402
+from peft_visual_prompt.spt.keys import Reservoir  # noqa: E402
 
 P = 4  # prompt tokens in the small tests
 
@@ -58,23 +61,30 @@ def prompted(model_type="vit", deep=True, projection_dim=None, num_prompt_tokens
 
 
 def owned_prompts(model, adapter="default"):
-    return [m.prompt_embeddings[adapter].detach().clone() for m in model.modules()
-            if isinstance(m, VisualPromptLayer) and adapter in m.prompt_embeddings]
+    return [m.visual_prompt_embeddings[adapter].detach().clone() for m in model.modules()
+            if isinstance(m, VisualPromptLayer) and adapter in m.visual_prompt_embeddings]
 
 
 def fed_prompts(model, adapter="default"):
     """What each owning layer inserts: prompts after the projection, if any."""
     return [m.prompts(adapter, 1, torch.float32)[0].detach().clone() for m in model.modules()
-            if isinstance(m, VisualPromptLayer) and adapter in m.prompt_embeddings]
+            if isinstance(m, VisualPromptLayer) and adapter in m.visual_prompt_embeddings]
 
 
-def layer_inputs(reference, data, num_prefix):
+def projections(model, adapter="default"):
+    """The adapter's projection Linears, one per width: {width: Linear}."""
+    return {m.width: m.projection(adapter) for m in model.modules()
+            if isinstance(m, VisualPromptLayer) and m.projection(adapter) is not None}
+
+
+def layer_inputs(reference, data, num_prefix, **forward_kwargs):
     """Independent token collection: `output_hidden_states` of an untouched copy (hidden_states[i] is the input of
     layer i), prefix tokens dropped, images in data order. Returns [layer] -> float64 array (images, tokens, width)."""
     per_layer = None
     with torch.no_grad():
         for batch in data:
-            hidden = reference(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+            hidden = reference(pixel_values=batch["pixel_values"], output_hidden_states=True,
+                               **forward_kwargs).hidden_states
             arrays = [h[:, num_prefix:].double().numpy() for h in hidden[:-1]]
             per_layer = arrays if per_layer is None else [np.concatenate([a, b]) for a, b in zip(per_layer, arrays)]
     return per_layer
@@ -143,8 +153,8 @@ def test_empty_clusters_are_reseeded_with_the_farthest_points():
     mu = torch.zeros(4, dtype=torch.float64)
 
     def run():
-        return spt._lloyd(x, (x * x).sum(1), centers.clone(), mu=mu, comm=spt._Comm(None), max_iter=100,
-                          tol_abs=0.0, chunk_size=32, keys=torch.arange(100))
+        return _lloyd(x, (x * x).sum(1), centers.clone(), mu=mu, comm=Comm(None), max_iter=100,
+                      tol_abs=0.0, chunk_size=32, keys=torch.arange(100))
 
     final, final_inertia, _, converged, reseeded = run()
     assert reseeded >= 2 and converged
@@ -242,13 +252,13 @@ def test_pass_restores_modes_and_leaves_the_adapter_enabled():
 def test_reservoir_never_exceeds_the_cap(monkeypatch):
     cap = 64
     allocated = []
-    offer = spt._Reservoir.offer
+    offer = Reservoir.offer
 
     def spy(self, keys, take):
         offer(self, keys, take)
         allocated.append((self._rows.shape[0], self.size, self.capacity))
 
-    monkeypatch.setattr(spt._Reservoir, "offer", spy)
+    monkeypatch.setattr(Reservoir, "offer", spy)
 
     def stream():  # a generator: no length, read once
         g = torch.Generator().manual_seed(0)
@@ -296,6 +306,72 @@ def test_errors_name_the_fix():
         initialize_prompts(model, batches(1), adapter_name="other")
 
 
+class Images(Dataset):
+    """A map-style dataset over a tensor of images."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i]}
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_tokens_raise_naming_batch_images_and_layer_and_leave_prompts_untouched(bad_value):
+    images = torch.cat([b["pixel_values"] for b in batches(2, 4)])
+    images[5, 1, 7, 9] = bad_value  # one pixel of one image: dataset index 5, in the second batch of 4
+    for strategy in ("kmeans", "mean"):
+        model, _ = prompted(projection_dim=16)
+        before = [p.clone() for p in owned_prompts(model)]
+        projection_before = {w: copy.deepcopy(l.state_dict()) for w, l in projections(model).items()}
+        model.train()
+        with pytest.raises(ValueError, match=r"non-finite tokens .*batch 1 \(images \[1\] of that batch; dataset "
+                                             r"indices \[5\]\) at the input of layer .*layers\.0\b"):
+            initialize_prompts(model, DataLoader(Images(images), batch_size=4), strategy)
+        for a, b in zip(before, owned_prompts(model)):
+            assert torch.equal(a, b)  # bit-identical: nothing was written
+        for width, linear in projections(model).items():
+            for name, tensor in linear.state_dict().items():
+                assert torch.equal(tensor, projection_before[width][name])
+        assert model.training and all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+        assert model.peft_config["default"].spt_init is None
+    # A plain iterable of batches: images are named by their position in the batch.
+    model, _ = prompted()
+    before = owned_prompts(model)
+    with pytest.raises(ValueError, match=r"non-finite tokens .*batch 1 \(images \[1\] of that batch\) at the input"):
+        initialize_prompts(model, [{"pixel_values": images[:4]}, {"pixel_values": images[4:]}], "random")
+    for a, b in zip(before, owned_prompts(model)):
+        assert torch.equal(a, b)
+
+
+def test_forward_kwargs_reach_the_backbone_interpolate_pos_encoding():
+    data = batches(2, 3, size=48)  # the model was built for 32 px: 6 x 6 = 36 patches instead of 16
+    model, reference = prompted()
+    with pytest.raises(ValueError, match=r"Input image size \(48\*48\) doesn't match model"):
+        initialize_prompts(model, data, "random")
+    tokens = layer_inputs(reference, data, num_prefix=1, interpolate_pos_encoding=True)
+    assert tokens[0].shape[1] == 36
+    for strategy in ("random", "mean"):
+        model, _ = prompted()
+        stats = initialize_prompts(model, data, strategy, seed=2, forward_kwargs={"interpolate_pos_encoding": True})
+        assert [l["tokens_per_image"] for l in stats["layers"]] == [36, 36, 36]
+        for i, got in enumerate(owned_prompts(model)):
+            x = tokens[i]
+            if strategy == "random":
+                expected = np.stack([x[s, t] for s, t in smallest_keys(2, i, 6, 36, P)])
+                np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+            else:
+                expected = np.stack([x[s, 9 * w : 9 * w + 9].mean(0) for s, w in smallest_keys(2, i, 6, P, P)])
+                np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="forward_kwargs must be a dict .*without 'pixel_values'"):
+        initialize_prompts(model, data, "random", forward_kwargs={"pixel_values": None})
+    values = prompt_patch_nmi(model, data[0]["pixel_values"], forward_kwargs={"interpolate_pos_encoding": True})
+    assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+
+
 # ------------------------------------------------------------------------------------------------------ save / load
 
 
@@ -326,7 +402,7 @@ def test_projection_reproduces_the_prototypes_exactly():
     initialize_prompts(projected, data, "kmeans", max_tokens_per_layer=100)
     for want, got in zip(owned_prompts(plain), fed_prompts(projected)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    linear = projected.base_model.prompt_projection["default"]["32"]
+    linear = projections(projected)[32]
     weight = linear.weight.detach().double()
     torch.testing.assert_close(weight[:, :11].T @ weight[:, :11], torch.eye(11, dtype=torch.float64), atol=1e-5,
                                rtol=0)
@@ -361,8 +437,8 @@ def test_nmi_matches_an_independent_implementation(deep):
     initialize_prompts(model, data, "random")
     with torch.no_grad():
         for m in model.modules():  # large prompts make the sigmoid table far from uniform
-            if isinstance(m, VisualPromptLayer) and "default" in m.prompt_embeddings:
-                m.prompt_embeddings["default"].mul_(6.0)
+            if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings:
+                m.visual_prompt_embeddings["default"].mul_(6.0)
     pixels = data[0]["pixel_values"][:2]
     got = prompt_patch_nmi(model, pixels)
     # Hand-written VPT forward on the untouched copy, recording (prompts, patches) at each layer's input.
@@ -464,7 +540,7 @@ def test_swin_tokens_pooling_projection_and_nmi():
     projected = get_peft_model(tiny_swin(), VisualPromptConfig(num_prompt_tokens=3, deep=True, projection_dim=8))
     initialize_prompts(plain, data, "kmeans", max_tokens_per_layer=200)
     initialize_prompts(projected, data, "kmeans", max_tokens_per_layer=200)
-    assert set(projected.base_model.prompt_projection["default"]) == {"16", "32"}  # one Linear per stage width
+    assert set(projections(projected)) == {16, 32}  # one Linear per stage width
     for want, got in zip(owned_prompts(plain), fed_prompts(projected)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

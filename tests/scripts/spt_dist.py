@@ -66,19 +66,21 @@ def main(out_dir: str) -> None:
     from peft_visual_prompt import VisualPromptLayer
     from peft_visual_prompt.spt import initialize_prompts
 
-    from peft_visual_prompt import spt
+    from peft_visual_prompt.spt import clustering
 
     # Seed on 32 of the 100 kept tokens, so that the distributed Lloyd steps have real work to do.
-    spt.KMEANS_SEEDING_SAMPLE = 32
+    clustering.KMEANS_SEEDING_SAMPLE = 32
     accelerator = Accelerator(cpu=True)
     results = {}
     for case, (strategy, deep, projection_dim, cap, shuffle, prepare) in CASES.items():
         model = build(deep, projection_dim)
         data = accelerator.prepare(loader(shuffle)) if prepare else loader(shuffle)
         stats = initialize_prompts(model, data, strategy, accelerator=accelerator, max_tokens_per_layer=cap, seed=3)
-        prompts = [m.prompt_embeddings["default"].detach().clone() for m in model.modules()
-                   if isinstance(m, VisualPromptLayer) and "default" in m.prompt_embeddings]
-        projection = {k: v.detach().clone() for k, v in model.base_model.prompt_projection.state_dict().items()}
+        prompts = [m.visual_prompt_embeddings["default"].detach().clone() for m in model.modules()
+                   if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings]
+        projection = {f"{m.width}.{k}": v.detach().clone() for m in model.modules()
+                      if isinstance(m, VisualPromptLayer) and m.projection("default") is not None
+                      for k, v in m.projection("default").state_dict().items()}
         results[case] = {"prompts": prompts, "projection": projection, "stats": stats,
                          "spt_init": model.peft_config["default"].spt_init}
     if accelerator.num_processes == 1:
@@ -86,8 +88,8 @@ def main(out_dir: str) -> None:
         model = build()
         initialize_prompts(model, loader(True), "kmeans", max_tokens_per_layer=100, seed=3)
         results["kmeans_no_accelerator"] = {"prompts": [
-            m.prompt_embeddings["default"].detach().clone() for m in model.modules()
-            if isinstance(m, VisualPromptLayer) and "default" in m.prompt_embeddings]}
+            m.visual_prompt_embeddings["default"].detach().clone() for m in model.modules()
+            if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(results, out / f"rank{accelerator.process_index}.pt")

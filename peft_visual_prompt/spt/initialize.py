@@ -1,0 +1,191 @@
+"""`initialize_prompts`: SPT's prompt initialisation as a short sequence of named steps.
+
+Validate the arguments, resolve the adapter and the layers that own prompts, collect the tokens those layers receive
+in one frozen pass (`collect.py`), make each layer's prototypes (`strategies.py`), write them into the prompts
+(`write.py`) and record the provenance in the adapter's config, which `save_pretrained` writes to
+adapter_config.json. The design (sampling, sharding, memory, exactness) is documented in docs/spt.md.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+
+from ..config import SPT_STRATEGIES
+from .collect import Target, TokenCollector, collect_tokens, plan_batches
+from .comm import Comm
+from .keys import Reservoir
+from .resolve import resolve
+from .strategies import layer_prototypes
+from .write import write_prompts
+
+# 65,536 tokens per layer: enough to cluster a VTAB-1k-sized sample exhaustively; docs/spt.md, "Memory", says why.
+DEFAULT_MAX_TOKENS_PER_LAYER = 65536
+
+
+def initialize_prompts(
+    peft_model,
+    dataloader,
+    strategy: str = "kmeans",
+    *,
+    accelerator=None,
+    max_tokens_per_layer: int = DEFAULT_MAX_TOKENS_PER_LAYER,
+    num_batches: Optional[int] = None,
+    seed: int = 0,
+    adapter_name: Optional[str] = None,
+    forward_kwargs: Optional[Mapping] = None,
+) -> dict:
+    """Initialises an adapter's prompts with prototypes of the tokens each prompted layer receives (SPT).
+
+    Args:
+        peft_model: A `PeftModel` with a visual-prompt adapter (DDP/accelerate wrappers are unwrapped).
+        dataloader: Batches of dicts with `pixel_values`, `(pixel_values, labels)` tuples or bare pixel tensors.
+            Pass the plain (not `accelerator.prepare`d) dataloader; a prepared one is unwrapped. docs/spt.md says
+            how batches are sharded and identified.
+        strategy: How `num_prompt_tokens` (P) prototypes are made from layer i's input tokens (prefix tokens left out):
+
+            - `"kmeans"`: K-means centroids (k = P) of a uniform sample of at most `max_tokens_per_layer` tokens
+              (see `kmeans`).
+            - `"mean"` / `"max"`: SPT's pooling. Each image's N tokens (in sequence order) are split into P contiguous
+              windows (`torch.tensor_split`: the first N mod P windows hold ceil(N/P) tokens, the rest floor(N/P)),
+              each mean- or max-pooled feature by feature; the prompts are P of these pooled vectors drawn uniformly
+              without replacement over all images (the P smallest priority keys), in key order. This follows the
+              authors' code, which pools windows per image then samples P pooled vectors (it uses P-1 windows of
+              N // (P-1) tokens plus a remainder window).
+            - `"random"`: P tokens drawn uniformly without replacement from all tokens the layer received.
+        accelerator: An `accelerate.Accelerator` to shard the pass over processes and to run K-means on its device.
+            None: one process, K-means on the model's device. Under `torchrun` pass it, or every rank computes
+            prompts from the data it is given on its own.
+        max_tokens_per_layer: Tokens kept per layer for K-means; the pass's peak memory is bounded by it, not by the
+            dataset. Default 65,536 (`DEFAULT_MAX_TOKENS_PER_LAYER`).
+        num_batches: Use only the first `num_batches` batches of the dataloader (counted globally, before sharding).
+        seed: Seed of the priority keys and of K-means seeding.
+        adapter_name: The adapter to initialise; default the active one.
+        forward_kwargs: Keyword arguments passed to the model on every forward of the pass, e.g.
+            `{"interpolate_pos_encoding": True}` to feed images at another resolution than the model's.
+
+    Returns:
+        A dict: strategy, adapter, num_images, num_processes, and per layer that owns prompts ("layers"): module name,
+        width, tokens_seen, tokens_used (rows the prototypes came from), reservoir_peak and reservoir_capacity and,
+        for K-means, inertia, iterations, converged; "seconds": wall time of the pass ("collect") and of the
+        prototypes and writing ("prototypes") on this rank. The adapter's config records `spt_init`.
+
+    Raises:
+        ValueError: among others, when a layer receives a NaN or infinite token; the error names the batch, the
+            images (their dataset indices for map-style dataloaders) and the layer, and the prompts are unchanged.
+
+    With `projection_dim` set, the prototypes are written exactly through the projection (docs/spt.md, "Projection");
+    this needs the prototypes of each width to span an affine subspace of rank <= projection_dim.
+    """
+    forward_kwargs = _validate(strategy, max_tokens_per_layer, num_batches, forward_kwargs)
+    model, adapter, config, layers = resolve(peft_model, adapter_name, accelerator)
+    num_prompts = config.num_prompt_tokens
+    capacity = _capacity(strategy, max_tokens_per_layer, num_prompts)
+    _warn_if_undistributed(accelerator)
+    comm = Comm(accelerator)
+    device = comm.device if comm.device is not None else next(model.parameters()).device
+    targets = _targets(layers, adapter, capacity, device)
+
+    plan = plan_batches(dataloader, comm, num_batches)
+    if plan.total == 0:
+        raise ValueError(
+            "The dataloader yielded no batches: SPT needs images from the target data. Pass a non-empty dataloader "
+            "(and num_batches >= 1)."
+        )
+    started = time.perf_counter()
+    collector = TokenCollector(targets, strategy, num_prompts, seed, device, plan.by_dataset_index)
+    num_images = collect_tokens(model, collector, plan, comm, _pixel_dtype(model), forward_kwargs,
+                                desc=f"SPT {strategy} prototypes")
+    if num_images == 0:
+        raise ValueError(
+            "The dataloader yielded no images: SPT needs images from the target data. Pass a non-empty dataloader."
+        )
+    collected = time.perf_counter()
+
+    results = [layer_prototypes(t, strategy, num_prompts, capacity, comm, seed, num_images) for t in targets]
+    prototypes, layer_stats = [p for p, _ in results], [s for _, s in results]
+    write_prompts(adapter, config.projection_dim, targets, prototypes, comm)
+    config.spt_init = _provenance(strategy, seed, num_images, layer_stats, max_tokens_per_layer, plan.total, comm)
+    return {
+        "strategy": strategy,
+        "adapter": adapter,
+        "num_images": num_images,
+        "num_processes": comm.world,
+        "layers": layer_stats,
+        "seconds": {"collect": collected - started, "prototypes": time.perf_counter() - collected},
+    }
+
+
+def _validate(strategy, max_tokens_per_layer, num_batches, forward_kwargs) -> dict:
+    """Checks the arguments that do not need the model; returns the forward kwargs as a dict."""
+    if strategy not in SPT_STRATEGIES:
+        raise ValueError(f"Unknown SPT strategy {strategy!r}: use one of {list(SPT_STRATEGIES)}.")
+    if not isinstance(max_tokens_per_layer, int) or max_tokens_per_layer < 1:
+        raise ValueError(f"max_tokens_per_layer must be a positive integer, got {max_tokens_per_layer!r}.")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be None or a positive integer, got {num_batches!r}.")
+    if forward_kwargs is None:
+        return {}
+    if not isinstance(forward_kwargs, Mapping) or "pixel_values" in forward_kwargs:
+        raise ValueError(
+            "forward_kwargs must be a dict of keyword arguments for the model's forward, without 'pixel_values' "
+            f"(the pass feeds the dataloader's images), got {forward_kwargs!r}."
+        )
+    return dict(forward_kwargs)
+
+
+def _capacity(strategy: str, max_tokens_per_layer: int, num_prompts: int) -> int:
+    """Rows a layer keeps: the token sample for K-means, the prototypes themselves otherwise."""
+    if strategy != "kmeans":
+        return num_prompts
+    if max_tokens_per_layer < num_prompts:
+        raise ValueError(
+            f"max_tokens_per_layer={max_tokens_per_layer} is smaller than num_prompt_tokens={num_prompts}: K-means "
+            "needs at least one token per prototype. Raise max_tokens_per_layer."
+        )
+    return max_tokens_per_layer
+
+
+def _warn_if_undistributed(accelerator) -> None:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if accelerator is None and distributed and torch.distributed.get_world_size() > 1:
+        warnings.warn(
+            "initialize_prompts runs as a single process (accelerator=None) inside a distributed job: each rank "
+            "computes prompts from the batches it reads. Pass accelerator=Accelerator() to shard the pass and get "
+            "identical prompts on every rank.",
+            stacklevel=3,
+        )
+
+
+def _targets(layers, adapter: str, capacity: int, device: torch.device) -> list[Target]:
+    """One target per layer that owns prompts (deep: every prompted layer; shallow: the first)."""
+    return [
+        Target(name, layer, layer.prompt_slot[adapter].index, Reservoir(capacity, layer.width, device))
+        for name, layer in layers
+        if layer.prompt_slot[adapter].owns_prompts
+    ]
+
+
+def _pixel_dtype(model) -> torch.dtype:
+    param = next(model.parameters())
+    return param.dtype if param.dtype.is_floating_point else torch.float32
+
+
+def _provenance(strategy, seed, num_images, layer_stats, max_tokens_per_layer, num_batches, comm: Comm) -> dict:
+    """What `spt_init` records in the adapter's config."""
+    tokens_used = [s["tokens_used"] for s in layer_stats]
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "num_images": num_images,
+        "num_tokens": int(sum(tokens_used)),
+        "tokens_used_per_layer": tokens_used,
+        "tokens_seen_per_layer": [s["tokens_seen"] for s in layer_stats],
+        "max_tokens_per_layer": max_tokens_per_layer if strategy == "kmeans" else None,
+        "num_batches": num_batches,
+        "num_processes": comm.world,
+    }

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft import PeftConfig
 
+from .files import CONFIG_FILE, WEIGHTS_FILE, check_config_file, check_weights_file, local_adapter_dir
 from .hub import write_card
 from .registration import VISUAL_PROMPT_PEFT_TYPE
 
@@ -120,6 +121,10 @@ class VisualPromptConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        local = local_adapter_dir(pretrained_model_name_or_path, subfolder)
+        if local is not None:  # broken files get errors that name them (PEFT reads the weights after this)
+            check_config_file(local / CONFIG_FILE)
+            check_weights_file(local / WEIGHTS_FILE)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if not isinstance(config, cls):
             raise ValueError(

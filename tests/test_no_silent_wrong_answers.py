@@ -237,3 +237,27 @@ def test_adapter_names_is_refused_until_mixed_batches_exist():
         peft_model(pixel_values=pixels(), adapter_names=["default", "default"])
     assert prompts_of(peft_model)  # the model still works without it
     peft_model(pixel_values=pixels())
+
+
+# ---------------------------------------------------------------------------- finding 6: broken adapter files
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: data[: len(data) // 2], "not a readable safetensors file"),
+    (lambda data: b"", r"\(0 bytes\) is not a readable safetensors file"),
+])
+def test_a_broken_weights_file_names_itself(saved, damage, problem):
+    base_dir, adapter_dir, _, _ = saved
+    path = adapter_dir / "adapter_model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{path}.*{problem}"):
+        PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base_dir), adapter_dir)
+
+
+@pytest.mark.parametrize("text", ['{"peft_type": "VISUAL_PROMPT", "num_pro', "not json at all", "[1, 2]"])
+def test_a_broken_config_file_names_itself(saved, text):
+    _, adapter_dir, _, _ = saved
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{path}"):
+        VisualPromptConfig.from_pretrained(adapter_dir)

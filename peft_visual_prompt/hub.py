@@ -87,6 +87,33 @@ def write_card(directory: str | os.PathLike, config, adapter_name: str = "defaul
     return path
 
 
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_message: str = "Upload visual-prompt adapter",
+    create_pr: bool = False,
+    ignore_patterns: Optional[list[str]] = None,
+) -> str:
+    """Creates the repo (and branch) if needed and uploads `folder` as one commit; returns the commit URL.
+
+    The one upload path of the package: `push_to_hub` below and the CLI's `train --push_to_hub` both use it. Hidden
+    files and `checkpoint-*` folders are left out unless `ignore_patterns` says otherwise.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message,
+        create_pr=create_pr, ignore_patterns=["checkpoint-*", ".*"] if ignore_patterns is None else ignore_patterns,
+    )
+    return commit.commit_url
+
+
 def push_to_hub(
     peft_model,
     repo_id: str,
@@ -101,14 +128,7 @@ def push_to_hub(
 
     Returns the commit URL. `PeftModel.from_pretrained(base, repo_id, revision=...)` loads it back.
     """
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder)
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
-            create_pr=create_pr,
-        )
-    return commit.commit_url
+        return upload_folder_to_hub(folder, repo_id, revision=revision, private=private, token=token,
+                                    commit_message=commit_message, create_pr=create_pr)

@@ -177,7 +177,7 @@ def test_init_prompts_then_train_from_it(workdir, tiny_model, digits, capsys):
                  "--adapter_name_or_path", str(init_dir), "--output_dir", str(output), *FAST]) == 0
     after = load_file(output / "adapter_model.safetensors")
     assert before.keys() == after.keys()
-    prompts = [k for k in after if "prompt_embeddings" in k]
+    prompts = [k for k in after if "visual_prompt_embeddings" in k]
     assert len(prompts) == 1  # shallow: the adapter's own configuration, not the CLI's deep default
     assert not np.allclose(before[prompts[0]].numpy(), after[prompts[0]].numpy())  # trained from the SPT init
 
@@ -206,8 +206,8 @@ def test_save_to_disk_dataset_and_image_size(workdir, tiny_model, digits):
 
 
 def test_defaults_are_the_offline_demo():
-    from peft_visual_prompt.cli.main import (DataArguments, MethodArguments, ModelArguments, TrainArguments,
-                                        _parse)
+    from peft_visual_prompt.cli.args import (DataArguments, MethodArguments, ModelArguments, TrainArguments,
+                                        parse as _parse)
 
     model_args, data_args, method, training_args = _parse(
         (ModelArguments, DataArguments, MethodArguments, TrainArguments), [], "test", "")

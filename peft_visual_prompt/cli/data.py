@@ -239,13 +239,15 @@ class ImageClassificationTransform:
         self.crop_scale = crop_scale
         self.resample = _resample(processor)
 
-    def images(self, images: list) -> torch.Tensor:
+    def images(self, images: list, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """`generator`: where the random crop and flip come from (default: torch's global RNG)."""
         out = []
         for img in images:
             img = img.convert("RGB")
             if self.train:
-                img = random_resized_crop(img, self.image_size, self.resample, scale=self.crop_scale)
-                if torch.rand(1).item() < 0.5:
+                img = random_resized_crop(img, self.image_size, self.resample, scale=self.crop_scale,
+                                          generator=generator)
+                if torch.rand(1, generator=generator).item() < 0.5:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             else:
                 img = resize_center_crop(img, self.image_size, self.resample)
@@ -256,6 +258,13 @@ class ImageClassificationTransform:
         result = {"pixel_values": list(self.images(batch[self.image_column]))}
         if self.label_column is not None and self.label_column in batch:
             result["labels"] = batch[self.label_column]
+        return result
+
+    def example(self, row: dict, generator: Optional[torch.Generator] = None) -> dict:
+        """One dataset row (not a batch) -> {"pixel_values", "labels"}."""
+        result = {"pixel_values": self.images([row[self.image_column]], generator=generator)[0]}
+        if self.label_column is not None and self.label_column in row:
+            result["labels"] = row[self.label_column]
         return result
 
 

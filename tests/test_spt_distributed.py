@@ -70,3 +70,12 @@ def test_no_accelerator_equals_one_process_accelerator(runs):
     single, _, _ = runs
     for a, b in zip(single["kmeans"]["prompts"], single["kmeans_no_accelerator"]["prompts"]):
         assert torch.equal(a, b)
+
+
+def test_non_finite_tokens_on_one_rank_fail_every_rank_and_write_nothing(runs):
+    single, rank0, rank1 = runs
+    assert "dataset indices [9]" in single["nonfinite"]["error"] and single["nonfinite"]["unchanged"]
+    errors = sorted([rank0["nonfinite"]["error"], rank1["nonfinite"]["error"]], key=lambda e: "other rank" in e)
+    assert "dataset indices [9]" in errors[0] and "at the input of layer" in errors[0]
+    assert "non-finite tokens (NaN or inf) on 1 other rank(s)" in errors[1]
+    assert rank0["nonfinite"]["unchanged"] and rank1["nonfinite"]["unchanged"]

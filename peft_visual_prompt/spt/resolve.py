@@ -3,6 +3,7 @@
 Both `initialize_prompts` and `prompt_patch_nmi` start from whatever the user passes (a `PeftModel`, possibly wrapped
 by DDP or `accelerator.prepare`) and an optional adapter name. `resolve` checks it is a visual-prompt PEFT model,
 picks the adapter and lists its prompted `VisualPromptLayer`s in prompted-layer order, with errors that name the fix.
+See docs/spt.md, "Modules".
 """
 
 from __future__ import annotations

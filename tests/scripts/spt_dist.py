@@ -34,6 +34,16 @@ class Images(Dataset):
         return {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 3}
 
 
+class ImagesWithNaN(Images):
+    """Image 9 has one NaN pixel."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i == 9:
+            item["pixel_values"][2, 5, 5] = float("nan")
+        return item
+
+
 def build(deep: bool = True, projection_dim=None):
     from peft import get_peft_model
     from transformers import ViTConfig, ViTForImageClassification
@@ -62,6 +72,13 @@ CASES = {
 }
 
 
+def owned(model) -> list:
+    from peft_visual_prompt import VisualPromptLayer
+
+    return [m.visual_prompt_embeddings["default"].detach().clone() for m in model.modules()
+            if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings]
+
+
 def main(out_dir: str) -> None:
     from peft_visual_prompt import VisualPromptLayer
     from peft_visual_prompt.spt import initialize_prompts
@@ -83,6 +100,16 @@ def main(out_dir: str) -> None:
                       for k, v in m.projection("default").state_dict().items()}
         results[case] = {"prompts": prompts, "projection": projection, "stats": stats,
                          "spt_init": model.peft_config["default"].spt_init}
+    # Non-finite tokens on one rank: every rank raises (none waits), and no rank writes its prompts.
+    model = build()
+    before = owned(model)
+    try:
+        initialize_prompts(model, DataLoader(ImagesWithNaN(), batch_size=BATCH_SIZE), "kmeans",
+                           accelerator=accelerator, max_tokens_per_layer=100, seed=3)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    results["nonfinite"] = {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, owned(model)))}
     if accelerator.num_processes == 1:
         # The same pass with no accelerate at all.
         model = build()

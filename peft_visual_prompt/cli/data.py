@@ -47,11 +47,14 @@ def load_image_dataset(name_or_path: Optional[str], *, config_name: Optional[str
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
             return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        check_class_folders(path)
         try:
-            return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         except (ValueError, FileNotFoundError) as e:  # e.g. no image files in it
             raise DataError(f"Cannot read {name_or_path} as an imagefolder ({str(e).splitlines()[0]}); it needs one "
                             "sub-folder of images per class.") from e
+        _check_imagefolder_labels(loaded, path)
+        return loaded
     if path.exists():
         raise DataError(f"--dataset_name {name_or_path} is a file; pass a directory (imagefolder layout: one "
                         "sub-folder of images per class, or a `save_to_disk` directory) or a Hub dataset id.")
@@ -66,6 +69,34 @@ def load_image_dataset(name_or_path: Optional[str], *, config_name: Optional[str
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the name or "
                         "pass a local imagefolder/`save_to_disk` directory to --dataset_name.") from e
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def _image_extensions() -> set[str]:
+    return {e.lower() for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def check_class_folders(root: Path) -> None:
+    """An imagefolder drops a class whose folder holds no images, silently: named here instead."""
+    exts = _image_extensions()
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        if not any(f.is_file() and f.suffix.lower() in exts for f in folder.rglob("*")):
+            raise DataError(f"Class folder {folder} holds no images, so its class would be left out; add images to "
+                            "it or remove the folder.")
+
+
+def _check_imagefolder_labels(dataset: datasets.DatasetDict, root: Path) -> None:
+    """imagefolder adds no label column when all images sit in one folder: say that, not "no label column"."""
+    if any("label" in ds.features for ds in dataset.values()):
+        return
+    exts = _image_extensions()
+    folders = sorted({f.parent for f in root.rglob("*") if f.is_file() and f.suffix.lower() in exts})
+    if len(folders) > 1:  # labels come from elsewhere (metadata), or not from folder names
+        return
+    where = "directly in it" if folders == [root] else f"in the one folder {folders[0].name!r}" if folders else ""
+    raise DataError(f"{root} holds images of only one class ({where}); classification needs at least 2 classes: "
+                    "one sub-folder of images per class.")
 
 
 def check_columns(dataset: datasets.DatasetDict, image_column: str, label_column: Optional[str]) -> None:
@@ -277,7 +308,7 @@ def collate(examples: list[dict]) -> dict:
 
 def find_images(paths: list[str]) -> list[Path]:
     """Image files named directly or found (recursively, sorted) in the given folders."""
-    exts = {e.lower() for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    exts = _image_extensions()
     found = []
     for p in paths:
         path = Path(p).expanduser()

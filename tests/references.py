@@ -1,0 +1,283 @@
+"""Independent, hand-written VPT forwards, one per backbone family, on an unwrapped copy of the base model.
+
+Each reference takes `(base_model, pixel_values, prompts, deep, num_prefix=...)` where `prompts` is
+`{layer index: (P, C) tensor}` over the model's transformer layers (ViT family) or blocks (Swin), in model order, and
+returns a dict holding every output the model class produces: `logits` (plus `cls_logits`/`distillation_logits` for
+DeiT with teacher), `last_hidden_state`, `pooler_output` and `feature_maps` (backbones).
+
+They only borrow the base model's modules as weight holders (embeddings, Linear, LayerNorm, and for the ViT family
+whole transformer layers, called on a sequence the reference builds itself) and never touch the plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch.nn import functional as F
+from transformers import SwinModel
+
+# ------------------------------------------------------------------------------------------------------ ViT family
+
+
+def _vit_backbone(model):
+    return model if hasattr(model, "embeddings") else getattr(model, model.base_model_prefix)
+
+
+def _vit_layers(backbone):
+    return backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer
+
+
+def vit_reference(base_model, pixel_values, prompts: dict[int, torch.Tensor], deep: bool, num_prefix: int,
+                  key_mask: torch.Tensor | None = None, **embed_kwargs) -> dict:
+    """Hand-written VPT forward for ViT, DeiT, DINOv2 and DINOv2-with-registers (every head class and backbones):
+    embeddings, insert prompts after the prefix tokens, loop over the layers (replacing the prompt slice at every
+    prompted layer when deep), strip, final norm, then the model's own pooling and heads written out.
+
+    `prompts`: deep: {i: prompts of layer i}, the prompted layers being the last ones from the first key on.
+    Shallow: a single entry, inserted there and carried to the end. `key_mask` (batch, tokens) is an optional bool
+    padding mask over the unprompted tokens; prompts are always visible, so the reference pads it by hand.
+    """
+    model = copy.deepcopy(base_model)
+    backbone = _vit_backbone(model)
+    layers = _vit_layers(backbone)
+    first = min(prompts)
+    if deep:
+        assert sorted(prompts) == list(range(first, len(layers))), "deep prompts cover a final span of layers"
+    else:
+        assert len(prompts) == 1, "shallow prompts are inserted at one layer"
+    num_prompts = prompts[first].shape[0]
+    batch = pixel_values.shape[0]
+    hidden = backbone.embeddings(pixel_values, **embed_kwargs)
+
+    mask = None
+    if key_mask is not None:
+        keys = torch.cat([key_mask[:, :num_prefix], torch.ones(batch, num_prompts, dtype=torch.bool),
+                          key_mask[:, num_prefix:]], dim=1)
+        mask = keys[:, None, None, :].expand(batch, 1, keys.shape[1], keys.shape[1])
+        if model.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+    def strip(tokens):
+        return torch.cat([tokens[:, :num_prefix], tokens[:, num_prefix + num_prompts:]], dim=1)
+
+    hidden_states = [hidden]  # prompt-free, as the base model's `hidden_states`
+    for i, layer in enumerate(layers):
+        if i < first:
+            hidden = layer(hidden, None if mask is None else _unprompted(mask, num_prefix, num_prompts))
+            hidden_states.append(hidden)
+            continue
+        if i == first or (deep and i in prompts):
+            rest = hidden[:, num_prefix:] if i == first else hidden[:, num_prefix + num_prompts:]
+            hidden = torch.cat([hidden[:, :num_prefix], prompts[i].expand(batch, -1, -1), rest], dim=1)
+        hidden = layer(hidden, mask)
+        hidden_states.append(strip(hidden))
+    sequence = backbone.layernorm(hidden_states[-1])
+    out = {"hidden_states": hidden_states, "last_hidden_state": sequence}
+
+    vit_like = model.config.model_type in ("vit", "deit")
+    if vit_like:
+        pooler = getattr(backbone, "pooler", None)
+        out["pooler_output"] = pooler(sequence) if pooler is not None else None
+    else:  # DINOv2: the normalised CLS token
+        out["pooler_output"] = sequence[:, 0]
+
+    if hasattr(model, "cls_classifier"):  # DeiT with teacher: CLS and distillation heads, averaged
+        out["cls_logits"] = model.cls_classifier(sequence[:, 0])
+        out["distillation_logits"] = model.distillation_classifier(sequence[:, 1])
+        out["logits"] = (out["cls_logits"] + out["distillation_logits"]) / 2
+    elif hasattr(model, "classifier"):
+        if vit_like:
+            out["logits"] = model.classifier(sequence[:, 0])
+        else:  # DINOv2: CLS next to the mean of the patch tokens (registers excluded)
+            out["logits"] = model.classifier(torch.cat([sequence[:, 0], sequence[:, num_prefix:].mean(dim=1)], dim=1))
+
+    if hasattr(model, "out_features"):  # *Backbone: chosen stages, normalised, patch tokens as a grid
+        config = model.config
+        maps = []
+        for stage, tokens in zip(model.stage_names, hidden_states):
+            if stage not in model.out_features:
+                continue
+            if config.apply_layernorm:
+                tokens = backbone.layernorm(tokens)
+            if config.reshape_hidden_states:
+                patch = config.patch_size
+                tokens = tokens[:, num_prefix:].reshape(
+                    batch, pixel_values.shape[2] // patch, pixel_values.shape[3] // patch, -1
+                ).permute(0, 3, 1, 2)
+            maps.append(tokens)
+        out["feature_maps"] = tuple(maps)
+    return out
+
+
+def _unprompted(mask, num_prefix, num_prompts):
+    """The user mask without the prompt rows/columns, for layers before the prompted span."""
+    keep = [i for i in range(mask.shape[-1]) if not num_prefix <= i < num_prefix + num_prompts]
+    return mask[..., keep, :][..., keep]
+
+
+# ------------------------------------------------------------------------------------------------------------ Swin
+
+
+def swin_of(model):
+    return model if isinstance(model, SwinModel) else model.swin
+
+
+def swin_reference(model, pixel_values, prompts: dict[int, torch.Tensor], deep: bool, num_prefix: int = 0, *,
+                   shallow_last=None, pool_prompts: bool = False, silence_prompts: bool = False,
+                   always_partition: bool | None = None) -> dict:
+    """Hand-written Swin forward with VPT prompts, on the (unwrapped) base model's weights, one sample and one window
+    at a time: padding, cyclic shift, shift-mask regions (the original slice-based construction), relative position
+    index, softmax attention over the explicit [prompts + window tokens] sequence with the bias and mask padded by
+    zeros, the window average of prompt outputs, the MLP, the patch merging (with the prompts tiled 4x) and the
+    pooling. With every prompt key masked to -inf (`silence_prompts`) it reproduces the base model.
+
+    prompts: {network block index: (P, C)}. Deep: those blocks get their own prompts. Shallow: the single entry is
+    inserted at that block and carried through block `shallow_last` (default: the last block).
+    Returns logits (if the model has a classifier), pooler_output, last_hidden_state, feature_maps (SwinBackbone, whose
+    encoder always partitions), and per stage the token grid before and after patch merging.
+    """
+    assert num_prefix == 0, "Swin has no prefix tokens"
+    swin = swin_of(model)
+    config = swin.config
+    is_backbone = hasattr(model, "out_features")
+    if always_partition is None:
+        always_partition = is_backbone
+    hidden, (height, width) = swin.embeddings(pixel_values)
+    stem = (hidden, height, width)
+    batch = hidden.shape[0]
+    num_blocks = sum(config.depths)
+    shallow_last = num_blocks - 1 if shallow_last is None else shallow_last
+    carried, final_prompts = None, None
+    before_merge, after_merge = [], []
+    index = 0
+    for stage in swin.encoder.layers:
+        for b, block in enumerate(stage.blocks):
+            if deep:
+                block_prompts = prompts[index].expand(batch, -1, -1) if index in prompts else None
+            else:
+                if index in prompts:
+                    carried = prompts[index].expand(batch, -1, -1)
+                block_prompts = carried if index <= shallow_last else None
+            shift = 0 if b % 2 == 0 else config.window_size // 2
+            hidden, prompt_out = reference_block(
+                block, config, hidden, (height, width), block_prompts, shift, always_partition, silence_prompts
+            )
+            if not deep:
+                carried = prompt_out
+            if pool_prompts and index == num_blocks - 1:
+                final_prompts = prompt_out
+            index += 1
+        before_merge.append((hidden, height, width))
+        if stage.downsample is not None:
+            hidden = reference_merge(stage.downsample, hidden, height, width)
+            if carried is not None:
+                carried = stage.downsample.reduction(stage.downsample.norm(torch.cat([carried] * 4, dim=-1)))
+            height, width = (height + 1) // 2, (width + 1) // 2
+        after_merge.append((hidden, height, width))
+
+    out = dict(before_merge=before_merge, after_merge=after_merge)
+    if is_backbone:
+        maps = []
+        for stage, (tokens, h, w) in zip(model.stage_names, [stem] + before_merge):
+            if stage in model.out_features:
+                tokens = model.hidden_states_norms[stage](tokens)
+                maps.append(tokens.reshape(batch, h, w, -1).permute(0, 3, 1, 2))
+        out["feature_maps"] = tuple(maps)
+        return out
+    sequence = swin.layernorm(hidden)
+    pooled_tokens = sequence
+    if pool_prompts:
+        pooled_tokens = torch.cat([sequence, swin.layernorm(final_prompts)], dim=1)
+    out["last_hidden_state"] = sequence
+    out["pooler_output"] = pooled_tokens.mean(dim=1)
+    out["logits"] = model.classifier(out["pooler_output"]) if hasattr(model, "classifier") else None
+    return out
+
+
+def reference_block(block, config, hidden, dims, prompts, shift, always_partition, silence_prompts):
+    """One Swin block with prompts, window by window. Returns (tokens, prompt outputs or None)."""
+    height, width = dims
+    window = config.window_size
+    if not always_partition and min(height, width) <= window:  # Swin's rule for small feature maps
+        shift, window = 0, min(height, width)
+    if window != config.window_size:
+        raise ValueError("the reference, like transformers' Swin, has no bias for a shrunk window")
+    batch, length, channels = hidden.shape
+    attention = block.attention
+    heads = attention.num_attention_heads
+    head_dim = channels // heads
+    area = window * window
+    num_prompts = 0 if prompts is None else prompts.shape[1]
+
+    height_pad, width_pad = math.ceil(height / window) * window, math.ceil(width / window) * window
+    grid = hidden.new_zeros(batch, height_pad, width_pad, channels)
+    grid[:, :height, :width] = block.layernorm_before(hidden).reshape(batch, height, width, channels)
+    grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
+
+    # Shift-mask regions, as in the original Swin: slices of the shifted (padded) map.
+    regions = torch.zeros(height_pad, width_pad, dtype=torch.long)
+    if shift > 0:
+        label = 0
+        for rows in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for cols in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                regions[rows, cols] = label
+                label += 1
+
+    # Relative position bias: token i = (r1, c1), j = (r2, c2) in a window -> table[(r1 - r2 + w - 1) * (2w - 1) + ...]
+    coords = [(r, c) for r in range(window) for c in range(window)]
+    index = torch.tensor([[(r1 - r2 + window - 1) * (2 * window - 1) + (c1 - c2 + window - 1)
+                           for (r2, c2) in coords] for (r1, c1) in coords])
+    bias = attention.relative_position_bias.relative_position_bias_table[index].permute(2, 0, 1)  # heads, area, area
+
+    normed_prompts = block.layernorm_before(prompts) if prompts is not None else None
+    out_grid = torch.zeros_like(grid)
+    prompt_sum = hidden.new_zeros(batch, num_prompts, channels)
+    num_windows = (height_pad // window) * (width_pad // window)
+    for n in range(batch):
+        for top in range(0, height_pad, window):
+            for left in range(0, width_pad, window):
+                tokens = grid[n, top:top + window, left:left + window].reshape(area, channels)
+                labels = regions[top:top + window, left:left + window].reshape(area)
+                sequence = tokens if prompts is None else torch.cat([normed_prompts[n], tokens])
+                size = num_prompts + area
+
+                def split_heads(x):
+                    return x.view(size, heads, head_dim).transpose(0, 1)
+
+                q = split_heads(attention.q_proj(sequence))
+                k = split_heads(attention.k_proj(sequence))
+                v = split_heads(attention.v_proj(sequence))
+                added = torch.zeros(heads, size, size)
+                added[:, num_prompts:, num_prompts:] = bias + torch.where(
+                    labels[:, None] != labels[None, :], -100.0, 0.0
+                )
+                if silence_prompts and num_prompts:
+                    added[:, :, :num_prompts] = float("-inf")
+                scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + added
+                out = (scores.softmax(dim=-1) @ v).transpose(0, 1).reshape(size, channels)
+                out = attention.o_proj(out)
+                out_grid[n, top:top + window, left:left + window] = out[num_prompts:].view(window, window, channels)
+                prompt_sum[n] += out[:num_prompts]
+
+    out_grid = torch.roll(out_grid, shifts=(shift, shift), dims=(1, 2))[:, :height, :width]
+    hidden = hidden + out_grid.reshape(batch, length, channels)
+    hidden = hidden + reference_mlp(block, hidden)
+    if prompts is None:
+        return hidden, None
+    prompts = prompts + prompt_sum / num_windows
+    return hidden, prompts + reference_mlp(block, prompts)
+
+
+def reference_mlp(block, x):
+    x = block.layernorm_after(x)
+    return block.mlp.fc2(F.gelu(block.mlp.fc1(x)))
+
+
+def reference_merge(merging, hidden, height, width):
+    batch, _, channels = hidden.shape
+    grid = hidden.reshape(batch, height, width, channels)
+    grid = F.pad(grid, (0, 0, 0, width % 2, 0, height % 2))
+    grid = torch.cat([grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1)
+    return merging.reduction(merging.norm(grid.reshape(batch, -1, 4 * channels)))

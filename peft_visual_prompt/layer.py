@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import functional as F
 
 from .config import VisualPromptConfig
 
@@ -45,6 +46,38 @@ class PromptSlot:
     def owns_prompts(self) -> bool:
         """Deep: every layer inserts its own prompts. Shallow: only the first layer does."""
         return self.deep or self.is_first
+
+
+BASE_ADAPTER = "__base__"  # PEFT's name for rows of a mixed batch that run the base model
+MIXED_BATCH_KWARG = "visual_prompt_batch"  # how the tuner hands a `MixedBatch` to every prompt layer's forward
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """One forward's assignment of rows to adapters (`adapter_names=`), built once by the tuner and handed to every
+    prompt layer. All its adapters prompt the same layers in the same mode (the tuner checks that)."""
+
+    adapters: tuple[str, ...]  # the distinct adapters, "__base__" excluded
+    row_adapter: torch.Tensor  # (batch,) index into `adapters`; len(adapters) for "__base__" rows
+    row_counts: torch.Tensor  # (batch,) prompt tokens of each row's adapter (0 for "__base__")
+    max_count: int
+    uniform: bool  # every row holds `max_count` real prompts: no padding, no mask
+
+    def key_valid(self) -> Optional[torch.Tensor]:
+        """(batch, max_count) bool: which prompt positions hold a real prompt; None when all do."""
+        if self.uniform:
+            return None
+        return torch.arange(self.max_count, device=self.row_counts.device)[None, :] < self.row_counts[:, None]
+
+
+@dataclass(frozen=True)
+class LayerPrompts:
+    """What one forward of a prompt layer inserts: one adapter's prompts, or a mixed batch's."""
+
+    slot: PromptSlot  # the layer's place in the prompted span (shared by a mixed batch's adapters)
+    num_tokens: int  # prompt positions in the sequence (a mixed batch's widest count)
+    valid: Optional[torch.Tensor]  # (batch, num_tokens) bool, or None when every position holds a prompt
+    make: Callable[[torch.dtype], torch.Tensor]  # dtype -> (batch, num_tokens, width) prompts
 
 
 def layer_width(module: nn.Module) -> int:
@@ -150,14 +183,45 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
             )
         return active[0]
 
-    def prompts(self, adapter_name: str, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    def layer_prompts(self, batch_size: int, batch: Optional[MixedBatch] = None) -> Optional[LayerPrompts]:
+        """What this forward inserts: the active adapter's prompts, a mixed batch's (`adapter_names=`), or None to
+        run the base layer untouched."""
+        if batch is None:
+            adapter = self.active_prompt_adapter()
+            if adapter is None:
+                return None
+            slot = self.prompt_slot[adapter]
+            return LayerPrompts(slot, slot.num_tokens, None, lambda dtype: self.prompts(adapter, batch_size, dtype))
+        if self.disable_adapters or not batch.adapters:
+            return None
+        slot = self.prompt_slot[batch.adapters[0]]
+        return LayerPrompts(slot, batch.max_count, batch.key_valid(), lambda dtype: self.mixed_prompts(batch, dtype))
+
+    def mixed_prompts(self, batch: MixedBatch, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, max_count, width): each row's adapter's prompts, zero-padded to the widest count ("__base__"
+        rows: all padding). One gather over a small per-adapter table, then each adapter's dropout on its rows."""
+        rows = [
+            F.pad(self.prompts(a, 1, dtype, dropout=False)[0], (0, 0, 0, batch.max_count - self.prompt_slot[a].num_tokens))
+            for a in batch.adapters
+        ]
+        rows.append(rows[0].new_zeros(rows[0].shape))  # "__base__"
+        prompts = torch.stack(rows)[batch.row_adapter]
+        if self.training:
+            for index, adapter in enumerate(batch.adapters):
+                dropout = self.prompt_dropout[adapter]
+                if dropout.p > 0:
+                    selected = batch.row_adapter == index
+                    prompts = torch.where(selected[:, None, None], dropout(prompts), prompts)
+        return prompts
+
+    def prompts(self, adapter_name: str, batch_size: int, dtype: torch.dtype, dropout: bool = True) -> torch.Tensor:
         """This layer's prompts for `adapter_name`, projected, batched and dropped out: (batch, tokens, width)."""
         prompts = self.visual_prompt_embeddings[adapter_name]
         projection = self.shared_projection.get(adapter_name)
         if projection is not None:
             prompts = projection(prompts)
         prompts = prompts.to(dtype).expand(batch_size, -1, -1)
-        return self.prompt_dropout[adapter_name](prompts)
+        return self.prompt_dropout[adapter_name](prompts) if dropout else prompts
 
     # ------------------------------------------------------------------------------ what SPT reads from a layer
 

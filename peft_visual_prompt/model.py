@@ -20,6 +20,7 @@ from .backbones import (
 from .checks import check_bounds, check_loaded_prompts, check_targets_are_layers, check_widths, upgrade_legacy_keys
 from .config import VisualPromptConfig
 from .heads import find_heads
+from .mixed import mixed_batch_hooks, plan_mixed_batch
 from .layer import CANNOT_MERGE, PromptSlot, VisualPromptLayer, layer_width
 from .registration import PREFIX
 
@@ -151,12 +152,18 @@ class VisualPromptModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "adapter_names= (a different adapter per row) is not supported by visual prompts yet: every row would "
-                "run with the active adapter. Split the batch by adapter and call model.set_adapter(name) for each."
-            )
-        yield
+        """`adapter_names=` (PEFT's convention, one adapter name per row, "__base__" for the base model): every row
+        runs with its own adapter's prompts and heads in one pass through the backbone (see `mixed.py`)."""
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        if pixels is None:
+            raise ValueError("adapter_names= needs the batch's pixel_values to know its rows.")
+        batch = plan_mixed_batch(self, names, pixels.shape[0])
+        with mixed_batch_hooks(self.model, batch, list(names), kwargs.get("labels") is not None):
+            yield
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # PEFT's version copies `weight`/`bias` onto wrappers of single weight layers; ours wrap whole transformer

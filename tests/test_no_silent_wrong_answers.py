@@ -231,12 +231,21 @@ def test_target_modules_that_are_not_layers_are_refused():
 # -------------------------------------------------------------------------------- finding 8: adapter_names=
 
 
-def test_adapter_names_is_refused_until_mixed_batches_exist():
-    peft_model = get_peft_model(tiny_model("vit"), VisualPromptConfig(num_prompt_tokens=2))
-    with pytest.raises(ValueError, match="adapter_names= .* is not supported"):
-        peft_model(pixel_values=pixels(), adapter_names=["default", "default"])
-    assert prompts_of(peft_model)  # the model still works without it
-    peft_model(pixel_values=pixels())
+def test_adapter_names_is_honoured_not_ignored():
+    """0.1.0 ran every row with the active adapter. Each row now gets its own (details: test_mixed_batches.py)."""
+    peft_model = get_peft_model(tiny_model("vit"), VisualPromptConfig(num_prompt_tokens=2)).eval()
+    peft_model.add_adapter("other", VisualPromptConfig(num_prompt_tokens=3))
+    with torch.no_grad():
+        for p in prompts_of(peft_model, "other"):
+            p.normal_()
+        x = pixels()
+        mixed = peft_model(pixel_values=x, adapter_names=["default", "other"]).logits
+        active = peft_model(pixel_values=x).logits
+        peft_model.set_adapter("other")
+        other = peft_model(pixel_values=x).logits
+    torch.testing.assert_close(mixed[0], active[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mixed[1], other[1], atol=1e-6, rtol=1e-6)
+    assert (mixed[1] - active[1]).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------- finding 6: broken adapter files

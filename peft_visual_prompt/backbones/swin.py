@@ -25,7 +25,7 @@ from transformers.models.swin.modeling_swin import (
 )
 
 from ..config import VisualPromptConfig
-from ..layer import PromptSlot, VisualPromptLayer
+from ..layer import MixedBatch, PromptSlot, VisualPromptLayer
 from .base import BackboneFamily, captured_outputs
 
 
@@ -75,10 +75,11 @@ class SwinPromptLayer(VisualPromptLayer):
         super().update_layer(adapter_name, config, slot, patch_size, projection)
 
     def needs_carry(self) -> bool:
-        adapter = self.active_prompt_adapter()
-        if adapter is None:
+        """Whether a forward may carry prompts between blocks: any adapter here (the active one, or any of a mixed
+        batch's, which the SwinModel hook cannot see yet) is shallow or pooled. An unused carry costs nothing."""
+        if self.disable_adapters:
             return False
-        return not self.prompt_slot[adapter].deep or self.pool_prompts.get(adapter, False)
+        return any(not slot.deep or self.pool_prompts.get(a, False) for a, slot in self.prompt_slot.items())
 
     def carried_prompts(self, hidden_states: torch.Tensor, slot: PromptSlot, kwargs: dict) -> torch.Tensor:
         carry = kwargs.get(CARRY_KWARG)
@@ -99,19 +100,20 @@ class SwinPromptLayer(VisualPromptLayer):
     # ----------------------------------------------------------------------------------------------------- forward
 
     def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
-                **kwargs):
+                visual_prompt_batch: Optional[MixedBatch] = None, **kwargs):
         carry: Optional[_PromptCarry] = kwargs.pop(CARRY_KWARG, None)
-        adapter = self.active_prompt_adapter()
-        if adapter is None:
+        layer_prompts = self.layer_prompts(hidden_states.shape[0], visual_prompt_batch)
+        if layer_prompts is None:
             return self.base_layer(hidden_states, input_dimensions, always_partition=always_partition, **kwargs)
 
-        slot = self.prompt_slot[adapter]
-        pool = self.pool_prompts.get(adapter, False)
+        slot = layer_prompts.slot
+        adapter = visual_prompt_batch.adapters[0] if visual_prompt_batch is not None else self.active_prompt_adapter()
+        pool = self.pool_prompts.get(adapter, False)  # the same for every adapter of a mixed batch
         # Prompt outputs are needed when they are carried on (shallow) or pooled (last block).
         keep_prompts = (not slot.deep and not slot.is_last) or (pool and slot.is_last)
 
         if slot.owns_prompts:
-            prompts = self.prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
+            prompts = layer_prompts.make(hidden_states.dtype)
         else:
             prompts = carry.prompts.get(slot.index) if carry is not None else None
             if prompts is None:
@@ -134,7 +136,7 @@ class SwinPromptLayer(VisualPromptLayer):
 
         block = functools.partial(
             self._block, dims=(height, width), window=window, shift=shift, keep_prompts=keep_prompts,
-            output_attentions=_wants_attentions(kwargs), kwargs=kwargs,
+            output_attentions=_wants_attentions(kwargs), prompt_valid=layer_prompts.valid, kwargs=kwargs,
         )
         checkpoint_func = self._checkpoint_func()
         if checkpoint_func is not None:
@@ -170,7 +172,7 @@ class SwinPromptLayer(VisualPromptLayer):
 
     def _block(self, hidden_states: torch.Tensor, prompts: torch.Tensor, mask: Optional[torch.Tensor], *,
                dims: tuple[int, int], window: int, shift: int, keep_prompts: bool, output_attentions: bool,
-               kwargs: dict):
+               prompt_valid: Optional[torch.Tensor], kwargs: dict):
         """`SwinLayer.forward` with prompts. Returns (tokens, prompt outputs or None, attention weights or None)."""
         base = self.base_layer
         height, width = dims
@@ -186,7 +188,7 @@ class SwinPromptLayer(VisualPromptLayer):
 
         image_out, prompt_out, weights = window_attention(
             base.attention, windows, base.layernorm_before(prompts), mask, batch, keep_prompts, output_attentions,
-            kwargs,
+            kwargs, prompt_valid,
         )
         image_out = base.dropout(image_out)
         tokens = window_reverse(image_out.view(-1, window, window, channels), window, height_pad, width_pad)
@@ -210,13 +212,15 @@ class SwinPromptLayer(VisualPromptLayer):
 
 
 def window_attention(attention: nn.Module, windows: torch.Tensor, prompts: torch.Tensor, mask: Optional[torch.Tensor],
-                     batch: int, prompt_queries: bool, output_attentions: bool, kwargs: dict):
+                     batch: int, prompt_queries: bool, output_attentions: bool, kwargs: dict,
+                     prompt_valid: Optional[torch.Tensor] = None):
     """`SwinAttention.forward` with shared prompts.
 
     windows: (batch * num_windows, ws**2, C), the window tokens after `layernorm_before`; prompts: (batch, P, C), after
     `layernorm_before`; mask: the (num_windows, ws**2, ws**2) shift mask or None. Returns the window outputs
     (batch * num_windows, ws**2, C), the prompt outputs averaged over windows (batch, P, C) when `prompt_queries`, and
-    the attention weights when asked and available.
+    the attention weights when asked and available. `prompt_valid` (batch, P) hides padded prompt positions of a
+    mixed batch from every query.
     """
     num_windows = windows.shape[0] // batch
     area, channels = windows.shape[1], windows.shape[2]
@@ -234,11 +238,12 @@ def window_attention(attention: nn.Module, windows: torch.Tensor, prompts: torch
     prompt_key, prompt_value = per_sample(attention.k_proj), per_sample(attention.v_proj)
     prompt_query = per_sample(attention.q_proj) if prompt_queries else None
     bias = attention.relative_position_bias()  # (1, heads, area, area)
+    key_bias = None if prompt_valid is None else _prompt_key_bias(prompt_valid, query.dtype)  # (batch, P)
 
     implementation = attention.config._attn_implementation
     if implementation in (None, "eager"):
         return _eager(attention, query, key, value, prompt_query, prompt_key, prompt_value, bias, mask, dropout,
-                      output_attentions)
+                      output_attentions, key_bias)
 
     # Other attention functions take one key/value tensor per window: put the prompts' in front of each window's.
     def with_prompts(window_states, prompt_states):
@@ -250,7 +255,10 @@ def window_attention(attention: nn.Module, windows: torch.Tensor, prompts: torch
     num_queries = query.shape[2]
     combined = bias if mask is None else bias + mask.unsqueeze(1)  # (1 or windows, heads, area, area)
     combined = F.pad(combined, (num_prompts, 0, num_queries - area, 0))  # zero bias/mask at the prompt positions
-    if mask is not None:
+    if key_bias is not None:  # per sample: (batch, windows, heads, queries, keys)
+        key_bias = F.pad(key_bias, (0, area))[:, None, None, None, :]
+        combined = (combined.unsqueeze(0) + key_bias).expand(batch, num_windows, -1, -1, -1).flatten(0, 1)
+    elif mask is not None:
         combined = combined.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
     output, weights = interface(
@@ -268,7 +276,7 @@ def window_attention(attention: nn.Module, windows: torch.Tensor, prompts: torch
 
 
 def _eager(attention, query, key, value, prompt_query, prompt_key, prompt_value, bias, mask, dropout,
-           output_attentions):
+           output_attentions, key_bias=None):
     """Eager attention (softmax in float32, as transformers' `eager_attention_forward`) with the windows folded into
     the rows of the matmuls against the prompts' keys/values, which are thus never copied per window.
     Layout: (batch, heads, windows, area, head_dim) for window states, (batch, heads, P, head_dim) for prompts."""
@@ -283,14 +291,11 @@ def _eager(attention, query, key, value, prompt_query, prompt_key, prompt_value,
     combined = bias.unsqueeze(2)  # (1, heads, 1, area, area)
     if mask is not None:
         combined = combined + mask[None, None]  # (1, heads, windows, area, area)
-    scores = torch.cat(
-        [
-            torch.matmul(query.view(batch, heads, rows, head_dim), prompt_key.transpose(-1, -2))
-            .view(batch, heads, num_windows, area, num_prompts) * scaling,
-            torch.matmul(query, key.transpose(-1, -2)) * scaling + combined,
-        ],
-        dim=-1,
-    )
+    prompt_scores = torch.matmul(query.view(batch, heads, rows, head_dim), prompt_key.transpose(-1, -2))
+    prompt_scores = prompt_scores.view(batch, heads, num_windows, area, num_prompts) * scaling
+    if key_bias is not None:
+        prompt_scores = prompt_scores + key_bias[:, None, None, None, :]
+    scores = torch.cat([prompt_scores, torch.matmul(query, key.transpose(-1, -2)) * scaling + combined], dim=-1)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=attention.training)
     output = torch.matmul(probs[..., num_prompts:], value) + torch.matmul(
@@ -305,6 +310,8 @@ def _eager(attention, query, key, value, prompt_query, prompt_key, prompt_value,
         # Per window, the prompt queries see the prompts (the same scores in every window) and that window's tokens
         # (bias and mask padded with zeros). Their outputs are averaged over the windows.
         prompt_scores = torch.matmul(prompt_query, prompt_key.transpose(-1, -2)) * scaling  # (B, h, P, P)
+        if key_bias is not None:
+            prompt_scores = prompt_scores + key_bias[:, None, None, :]
         window_scores = torch.matmul(prompt_query, key.view(batch, heads, rows, head_dim).transpose(-1, -2)) * scaling
         scores = torch.cat(
             [
@@ -320,6 +327,11 @@ def _eager(attention, query, key, value, prompt_query, prompt_key, prompt_value,
         ) / num_windows
         prompt_out = attention.o_proj(output.transpose(1, 2).reshape(batch, num_prompts, heads * head_dim))
     return image_out, prompt_out, weights
+
+
+def _prompt_key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive scores: 0 for real prompts, the dtype's minimum for a mixed batch's padding."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
 
 
 def merge_prompts(merging: SwinPatchMerging, prompts: torch.Tensor) -> torch.Tensor:

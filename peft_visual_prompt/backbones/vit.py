@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layer import VisualPromptLayer
+from ..layer import MixedBatch, VisualPromptLayer
 from .base import BackboneFamily, captured_outputs, strip_tokens
 
 
@@ -45,23 +45,41 @@ def pad_attention_mask(mask: torch.Tensor, start: int, num_prompts: int) -> torc
     return mask
 
 
+def mask_prompt_keys(mask: torch.Tensor | None, valid: torch.Tensor, start: int,
+                     hidden_states: torch.Tensor) -> torch.Tensor:
+    """Hides the prompt positions [start, start + valid.shape[1]) that `valid` (batch, prompts) marks False from every
+    query. Combines with a 4D mask already padded for the prompts (bool: False hides; float: adds the dtype's min),
+    or builds an additive (batch, 1, 1, keys) mask, which eager and sdpa attention both take."""
+    batch, length = hidden_states.shape[0], hidden_states.shape[1]
+    keys = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+    keys[:, start : start + valid.shape[1]] = valid
+    keys = keys[:, None, None, :]
+    if mask is not None and mask.dtype == torch.bool:
+        return mask & keys
+    dtype = mask.dtype if mask is not None else hidden_states.dtype
+    hidden = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill_(~keys, torch.finfo(dtype).min)
+    return hidden if mask is None else mask + hidden
+
+
 class ViTPromptLayer(VisualPromptLayer):
     """Wraps a `ViTLayer`/`DeiTLayer`/`Dinov2Layer`, whose forward is `(hidden_states, attention_mask=None, **kwargs)`."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        adapter = self.active_prompt_adapter()
-        if adapter is None:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args,
+                visual_prompt_batch: MixedBatch | None = None, **kwargs):
+        prompts = self.layer_prompts(hidden_states.shape[0], visual_prompt_batch)
+        if prompts is None:
             return self.base_layer(hidden_states, attention_mask, *args, **kwargs)
 
-        slot = self.prompt_slot[adapter]
-        start, end = self.num_prefix_tokens, self.num_prefix_tokens + slot.num_tokens
+        slot = prompts.slot
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + prompts.num_tokens
         if slot.owns_prompts:
             # One concatenation: insert (first layer) or replace the previous layer's prompt outputs (deep).
-            prompts = self.prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
             patches = hidden_states[:, start:] if slot.is_first else hidden_states[:, end:]
-            hidden_states = torch.cat([hidden_states[:, :start], prompts, patches], dim=1)
+            hidden_states = torch.cat([hidden_states[:, :start], prompts.make(hidden_states.dtype), patches], dim=1)
         if attention_mask is not None:
-            attention_mask = pad_attention_mask(attention_mask, start, slot.num_tokens)
+            attention_mask = pad_attention_mask(attention_mask, start, prompts.num_tokens)
+        if prompts.valid is not None:  # a mixed batch with padded prompt positions: no query may attend to them
+            attention_mask = mask_prompt_keys(attention_mask, prompts.valid, start, hidden_states)
 
         captured = _captured_hidden_states()
         num_captured = len(captured) if captured is not None else 0

@@ -1,0 +1,145 @@
+"""Mixed-task batches (`adapter_names=`): every row of one pass equals that row run alone with its adapter.
+
+Runs over the contract suite's table (`model_table.ROWS`): every supported model class, deep and shallow, eager and
+sdpa, three adapters with three prompt counts plus "__base__", in shuffled row orders.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from model_table import ROWS
+from peft import get_peft_model
+from torch import nn
+
+from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer
+
+COUNTS = {"default": 3, "b": 2, "c": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _three_adapters(row, attn: str, deep: bool, **config):
+    model = get_peft_model(row.build(attn), VisualPromptConfig(num_prompt_tokens=COUNTS["default"], deep=deep, **config))
+    for name in ("b", "c"):
+        model.add_adapter(name, VisualPromptConfig(num_prompt_tokens=COUNTS[name], deep=deep, **config))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # clearly different prompts and heads per adapter, outputs of order 1
+        for name, param in model.named_parameters():
+            if "visual_prompt_embeddings" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+            elif "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def _outputs(row, output, index=None):
+    """The row's compared outputs as a flat list of tensors (optionally one batch row of each)."""
+    flat = []
+    for value in row.select(output).values():
+        for tensor in value if isinstance(value, (tuple, list)) else (value,):
+            flat.append(tensor if index is None else tensor[index])
+    return flat
+
+
+def _alone(model, row, x, name):
+    with torch.no_grad():
+        if name == "__base__":
+            with model.disable_adapter():
+                return _outputs(row, model(pixel_values=x), 0)
+        model.set_adapter(name)
+        return _outputs(row, model(pixel_values=x), 0)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_every_row_equals_its_adapter_alone(row, attn, deep):
+    model = _three_adapters(row, attn, deep)
+    names = ["default", "b", "c", "__base__"] * 2
+    random.Random(hash((row.id, attn, deep)) % 1000).shuffle(names)
+    x = row.pixels(batch=len(names))
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=names)
+    for i, name in enumerate(names):
+        for got, want in zip(_outputs(row, mixed, i), _alone(model, row, x[i : i + 1], name)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
+    # the adapters differ, so a row run with another adapter would be caught
+    a, b = _alone(model, row, x[:1], "b"), _alone(model, row, x[:1], "c")
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.heads == ("classifier",)][:1] + [ROWS[-2]], ids=lambda r: r.id)
+def test_a_batch_of_only_base_rows_is_the_base_model_bit_for_bit(row):
+    base = row.build("sdpa")
+    x = row.pixels(batch=3)
+    with torch.no_grad():
+        want = _outputs(row, base(pixel_values=x))
+    model = _three_adapters(row, "sdpa", True)
+    with torch.no_grad():
+        got = _outputs(row, model(pixel_values=x, adapter_names=["__base__"] * 3))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in ("ViTForImageClassification", "SwinForImageClassification")],
+                         ids=lambda r: r.id)
+def test_heads_with_different_numbers_of_labels_pad_with_minus_infinity(row):
+    model = _three_adapters(row, "sdpa", True)
+    wrapper = model.base_model.model.classifier
+    narrow = nn.Linear(wrapper.original_module.in_features, 3)
+    wrapper.modules_to_save["c"] = narrow
+    names = ["c", "default", "__base__", "c"]
+    x = row.pixels(batch=4)
+    with torch.no_grad():
+        logits = model(pixel_values=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            want = _alone(model, row, x[i : i + 1], name)[0]
+            torch.testing.assert_close(logits[i, : want.shape[-1]], want, atol=1e-6, rtol=1e-6)
+            assert torch.isneginf(logits[i, want.shape[-1] :]).all()
+    assert logits.softmax(-1)[0, 3:].sum() == 0 and logits[[0, 3]].argmax(-1).max() < 3
+    with pytest.raises(ValueError, match="heads of different sizes"):
+        model(pixel_values=x, adapter_names=names, labels=torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in ("ViTForImageClassification", "SwinForImageClassification")],
+                         ids=lambda r: r.id)
+def test_training_moves_each_adapter_only_from_its_own_rows(row):
+    model = _three_adapters(row, "sdpa", True).train()
+    # PEFT makes only the active adapter trainable; a user training mixed batches makes them all trainable.
+    trainable = {n: p for n, p in model.named_parameters() if "visual_prompt_embeddings" in n or "modules_to_save" in n}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    names = ["b", "default", "b", "__base__"]
+    out = model(pixel_values=row.pixels(batch=4), adapter_names=names).logits
+    out[[0, 2]].sum().backward()  # only rows of "b" carry loss
+    for name, p in trainable.items():
+        adapter = name.split(".")[-1] if "visual_prompt" in name else name.split("modules_to_save.")[1].split(".")[0]
+        moved = p.grad is not None and p.grad.abs().sum() > 0
+        assert moved == (adapter == "b"), name
+
+
+def test_bad_adapter_names_fail_before_any_compute():
+    row = next(r for r in ROWS if r.id == "ViTForImageClassification")
+    model = _three_adapters(row, "sdpa", True)
+    model.add_adapter("shallow", VisualPromptConfig(num_prompt_tokens=2, deep=False))
+    calls = []
+    model.base_model.model.vit.embeddings.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = row.pixels(batch=2)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        model(pixel_values=x, adapter_names=["default", "nope"])
+    with pytest.raises(ValueError, match="has 3 names but the batch has 2 rows"):
+        model(pixel_values=x, adapter_names=["default", "b", "c"])
+    with pytest.raises(ValueError, match="'default' and 'shallow' cannot share a mixed batch"):
+        model(pixel_values=x, adapter_names=["default", "shallow"])
+    with pytest.raises(ValueError, match="list of adapter names"):
+        model(pixel_values=x, adapter_names="default")
+    assert calls == []
+    assert isinstance(next(m for m in model.modules() if isinstance(m, VisualPromptLayer)), VisualPromptLayer)

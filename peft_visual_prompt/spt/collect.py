@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..layer import VisualPromptLayer
 from .comm import Comm
@@ -148,21 +149,68 @@ def _plan_in_arrival_order(dataloader, comm: Comm, num_batches: Optional[int]) -
     return BatchPlan(every_batch(), mine, total, by_dataset_index=False)
 
 
+FIRST_LAYER_TOKENS = ("embeddings", "patch_embeddings")
+
+
+def find_patch_embedding(model: nn.Module, first: Target) -> nn.Module:
+    """The backbone's patch-embedding module (`...embeddings.patch_embeddings`, or CLIP-style `patch_embedding`): what
+    `first_layer_tokens="patch_embeddings"` reads. The first prompted layer must be the backbone's first layer (every
+    index in its module path 0), since the patch embeddings are what that layer receives, before the position
+    embedding (and before CLS/registers are prepended)."""
+    if any(part.isdigit() and part != "0" for part in first.name.split(".")):
+        raise ValueError(
+            f"first_layer_tokens='patch_embeddings' reads the patch embeddings, which only the backbone's first layer "
+            f"receives, but this adapter's first prompted layer is {first.name}. Use first_layer_tokens='embeddings'."
+        )
+    found = [
+        m for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("patch_embeddings", "patch_embedding") and not isinstance(m, VisualPromptLayer)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"first_layer_tokens='patch_embeddings' needs exactly one patch-embedding module (named "
+            f"'patch_embeddings' or 'patch_embedding') in the model; found {len(found)}. Use "
+            "first_layer_tokens='embeddings'."
+        )
+    return found[0]
+
+
+def patch_embedding_tokens(output) -> torch.Tensor:
+    """(B, N, C) tokens from a patch-embedding module's output: a (B, N, C) tensor, a tuple starting with one (Swin),
+    or a (B, C, H, W) feature map (a bare Conv2d, CLIP), flattened in row-major patch order."""
+    tokens = output[0] if isinstance(output, (tuple, list)) else output
+    if tokens.ndim == 4:
+        tokens = tokens.flatten(2).transpose(1, 2)
+    return tokens
+
+
 class TokenCollector:
-    """Offers the tokens each target layer receives to its reservoir, one batch at a time (see the module doc)."""
+    """Offers the tokens each target layer receives to its reservoir, one batch at a time (see the module doc).
+
+    With `patch_embedding` set (`first_layer_tokens="patch_embeddings"`), the first target takes the patch embeddings
+    that module outputs in the same forward (before the position embedding; no CLS) instead of its input tokens."""
 
     def __init__(self, targets: list[Target], strategy: str, num_prompts: int, seed: int, device: torch.device,
-                 by_dataset_index: bool) -> None:
+                 by_dataset_index: bool, patch_embedding: Optional[nn.Module] = None) -> None:
         self.targets, self.strategy, self.num_prompts, self.seed = targets, strategy, num_prompts, seed
         self.device, self.by_dataset_index = device, by_dataset_index
         self.batch_index, self.indices, self.seen, self.images = -1, None, 0, 0
+        self.patch_embedding, self.patch_tokens = patch_embedding, None
 
     def hooks(self) -> list:
         return [(t.layer, functools.partial(self._record, t)) for t in self.targets]
 
+    def output_hooks(self) -> list:
+        if self.patch_embedding is None:
+            return []
+        return [(self.patch_embedding, self._record_patch_embeddings)]
+
+    def _record_patch_embeddings(self, module, args, output) -> None:
+        self.patch_tokens = patch_embedding_tokens(output)
+
     def run(self, model, pixels: torch.Tensor, batch_index: int, indices: np.ndarray, forward_kwargs: dict) -> None:
         """One forward of `model` on a batch, stopped after the last target layer has recorded its tokens."""
-        self.batch_index, self.indices, self.seen = batch_index, indices, 0
+        self.batch_index, self.indices, self.seen, self.patch_tokens = batch_index, indices, 0, None
         try:
             model(pixel_values=pixels, **forward_kwargs)
         except _StopForward:
@@ -176,6 +224,8 @@ class TokenCollector:
 
     def _record(self, target: Target, module, args: tuple, kwargs: dict) -> None:
         tokens = module.received_tokens(args, kwargs).detach()
+        if self.patch_embedding is not None and target is self.targets[0]:
+            tokens = self._first_layer_patch_tokens(target, tokens)
         bsz, n_tokens = tokens.shape[0], tokens.shape[1]
         if bsz != len(self.indices):
             raise ValueError(
@@ -197,6 +247,18 @@ class TokenCollector:
         self.seen += 1
         if self.seen == len(self.targets):
             raise _StopForward
+
+    def _first_layer_patch_tokens(self, target: Target, received: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_tokens
+        if patches is None or patches.shape != received.shape:
+            raise ValueError(
+                f"first_layer_tokens='patch_embeddings': layer {target.name} received tokens of shape "
+                f"{tuple(received.shape)} (prefix tokens excluded), but the patch-embedding module gave "
+                f"{None if patches is None else tuple(patches.shape)} in this forward; the first prompted layer must "
+                "receive the patch embeddings (plus position embedding and prefix tokens) directly. Use "
+                "first_layer_tokens='embeddings'."
+            )
+        return patches.detach()
 
     def _check_finite(self, target: Target, tokens: torch.Tensor) -> None:
         finite = torch.isfinite(tokens).flatten(1).all(1)
@@ -222,7 +284,7 @@ def collect_tokens(model, collector: TokenCollector, plan: BatchPlan, comm: Comm
     device = next(model.parameters()).device
     problem: Optional[NonFiniteTokens] = None
     with tqdm(total=plan.local, disable=not comm.is_main, desc=desc) as progress:
-        with hooked_eval(model, collector.hooks()), model.disable_adapter():
+        with hooked_eval(model, collector.hooks(), collector.output_hooks()), model.disable_adapter():
             for batch_index, batch, indices in plan.batches:
                 pixels = pixel_values(batch).to(device=device, dtype=pixel_dtype)
                 try:

@@ -18,14 +18,18 @@ PreHook = Callable[[nn.Module, tuple, dict], None]
 
 
 @contextmanager
-def hooked_eval(model: nn.Module, hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[nn.Module]:
-    """Registers each `(module, hook)` as a forward pre-hook with kwargs, puts `model` in eval mode and disables
-    gradients for the block; on exit restores every module's training flag and removes the hooks."""
+def hooked_eval(model: nn.Module, hooks: Iterable[tuple[nn.Module, PreHook]],
+                output_hooks: Iterable[tuple[nn.Module, Callable]] = ()) -> Iterator[nn.Module]:
+    """Registers each `(module, hook)` as a forward pre-hook with kwargs (and each of `output_hooks` as a plain forward
+    hook, `hook(module, args, output)`), puts `model` in eval mode and disables gradients for the block; on exit
+    restores every module's training flag and removes the hooks."""
     modes = {m: m.training for m in model.modules()}
     handles = []
     try:
         for module, hook in hooks:
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for module, hook in output_hooks:
+            handles.append(module.register_forward_hook(hook))
         model.eval()
         with torch.no_grad():
             yield model

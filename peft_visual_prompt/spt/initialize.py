@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import SPT_STRATEGIES
-from .collect import Target, TokenCollector, collect_tokens, plan_batches
+from .collect import FIRST_LAYER_TOKENS, Target, TokenCollector, collect_tokens, find_patch_embedding, plan_batches
 from .comm import Comm
 from .keys import Reservoir
 from .resolve import resolve
@@ -25,6 +25,8 @@ from .write import write_prompts
 
 # 65,536 tokens per layer: enough to cluster a VTAB-1k-sized sample exhaustively; docs/spt.md, "Memory", says why.
 DEFAULT_MAX_TOKENS_PER_LAYER = 65536
+# The first prompted layer's token source; docs/spt.md, "Tokens", gives the measurements behind the choice.
+DEFAULT_FIRST_LAYER_TOKENS = "embeddings"
 
 
 def initialize_prompts(
@@ -38,6 +40,7 @@ def initialize_prompts(
     seed: int = 0,
     adapter_name: Optional[str] = None,
     forward_kwargs: Optional[Mapping] = None,
+    first_layer_tokens: str = DEFAULT_FIRST_LAYER_TOKENS,
 ) -> dict:
     """Initialises an adapter's prompts with prototypes of the tokens each prompted layer receives (SPT).
 
@@ -67,6 +70,12 @@ def initialize_prompts(
         adapter_name: The adapter to initialise; default the active one.
         forward_kwargs: Keyword arguments passed to the model on every forward of the pass, e.g.
             `{"interpolate_pos_encoding": True}` to feed images at another resolution than the model's.
+        first_layer_tokens: The tokens the first prompted layer's prototypes are made from (deep: layer 0's; shallow:
+            the only set). `"embeddings"`: what that layer receives, i.e. the embeddings' output (patch embeddings
+            + position embedding), prefix tokens left out. `"patch_embeddings"`: the patch-embedding module's output,
+            *before* the position embedding (and without CLS), as SPT's official code does; needs the first prompted
+            layer to be the backbone's first. Later layers always use their input tokens. docs/spt.md,
+            "Tokens", gives the measurements behind the default.
 
     Returns:
         A dict: strategy, adapter, num_images, num_processes, and per layer that owns prompts ("layers"): module name,
@@ -82,6 +91,10 @@ def initialize_prompts(
     this needs the prototypes of each width to span an affine subspace of rank <= projection_dim.
     """
     forward_kwargs = _validate(strategy, max_tokens_per_layer, num_batches, forward_kwargs)
+    if first_layer_tokens not in FIRST_LAYER_TOKENS:
+        raise ValueError(
+            f"first_layer_tokens must be one of {list(FIRST_LAYER_TOKENS)}, got {first_layer_tokens!r}."
+        )
     model, adapter, config, layers = resolve(peft_model, adapter_name, accelerator)
     num_prompts = config.num_prompt_tokens
     capacity = _capacity(strategy, max_tokens_per_layer, num_prompts)
@@ -97,7 +110,8 @@ def initialize_prompts(
             "(and num_batches >= 1)."
         )
     started = time.perf_counter()
-    collector = TokenCollector(targets, strategy, num_prompts, seed, device, plan.by_dataset_index)
+    patch_embedding = find_patch_embedding(model, targets[0]) if first_layer_tokens == "patch_embeddings" else None
+    collector = TokenCollector(targets, strategy, num_prompts, seed, device, plan.by_dataset_index, patch_embedding)
     num_images = collect_tokens(model, collector, plan, comm, _pixel_dtype(model), forward_kwargs,
                                 desc=f"SPT {strategy} prototypes")
     if num_images == 0:
@@ -110,6 +124,7 @@ def initialize_prompts(
     prototypes, layer_stats = [p for p, _ in results], [s for _, s in results]
     write_prompts(adapter, config.projection_dim, targets, prototypes, comm)
     config.spt_init = _provenance(strategy, seed, num_images, layer_stats, max_tokens_per_layer, plan.total, comm)
+    config.spt_init["first_layer_tokens"] = first_layer_tokens
     return {
         "strategy": strategy,
         "adapter": adapter,

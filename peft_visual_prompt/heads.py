@@ -1,7 +1,9 @@
-"""Finding a model's task heads, which train and are saved with the prompts by default (`modules_to_save`)."""
+"""A model's task heads: which train and are saved with the prompts by default (`modules_to_save`), and loading an
+adapter's head whose label count differs from the base model's."""
 
 from __future__ import annotations
 
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
@@ -22,3 +24,25 @@ def find_heads(model: nn.Module) -> list[str]:
         name for name, child in model.named_children()
         if child is not base and any(True for _ in child.parameters())
     ]
+
+
+def fit_heads_to_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """Gives an adapter's copy of a Linear head the shape its checkpoint has, before the checkpoint is loaded.
+
+    Adapters for different tasks share one backbone but not their label sets: a head saved with 3 labels must load
+    onto a base model whose own head has 5. PEFT's `ModulesToSaveWrapper` copies the base head for each adapter; the
+    copy of this adapter is replaced by a Linear of the saved size (its weights then come from the checkpoint).
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+            continue
+        head = module.modules_to_save[adapter_name]
+        weight = state_dict.get(f"{name}.modules_to_save.{adapter_name}.weight")
+        if not isinstance(head, nn.Linear) or weight is None or tuple(weight.shape) == tuple(head.weight.shape):
+            continue
+        if weight.ndim != 2 or weight.shape[1] != head.in_features:
+            continue  # not a label-count change: PEFT's own size check reports it
+        resized = nn.Linear(head.in_features, weight.shape[0], bias=head.bias is not None,
+                            device=head.weight.device, dtype=head.weight.dtype)
+        resized.requires_grad_(head.weight.requires_grad)
+        module.modules_to_save[adapter_name] = resized

@@ -19,7 +19,7 @@ from .backbones import (
 )
 from .checks import check_bounds, check_loaded_prompts, check_targets_are_layers, check_widths, upgrade_legacy_keys
 from .config import VisualPromptConfig
-from .heads import find_heads
+from .heads import find_heads, fit_heads_to_checkpoint
 from .mixed import mixed_batch_hooks, plan_mixed_batch
 from .layer import CANNOT_MERGE, PromptSlot, VisualPromptLayer, layer_width
 from .registration import PREFIX
@@ -144,10 +144,12 @@ class VisualPromptModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
         """Reads adapters saved by 0.1.0 (unprefixed keys) too, and checks the adapter's tensors against the config
         and the model: any prompted layer without prompts, extra prompt keys or a shape that disagrees is an error
-        naming the layers, instead of prompts silently left at their random initialisation."""
+        naming the layers, instead of prompts silently left at their random initialisation. A head saved with another
+        label count than the base model's gets a copy of its own size."""
         state_dict = upgrade_legacy_keys(model, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_loaded_prompts(model, config, adapter_name, remapped)
+        fit_heads_to_checkpoint(model, adapter_name, remapped)
         return remapped
 
     @contextmanager

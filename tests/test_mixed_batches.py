@@ -143,3 +143,28 @@ def test_bad_adapter_names_fail_before_any_compute():
         model(pixel_values=x, adapter_names="default")
     assert calls == []
     assert isinstance(next(m for m in model.modules() if isinstance(m, VisualPromptLayer)), VisualPromptLayer)
+
+
+def test_adapters_of_tasks_with_different_label_counts_load_and_mix(tmp_path):
+    """Task A (5 labels, the base head's size) and task B (3 labels) share one backbone: B's saved head loads into a
+    copy of its own size, and a mixed batch gives each row its task's logits."""
+    row = next(r for r in ROWS if r.id == "ViTForImageClassification")
+    x = row.pixels(batch=4)
+    base_b = row.model_cls(row.config_cls(**{**row.config, "num_labels": 3}))
+    base_b.vit.load_state_dict(row.build("sdpa").vit.state_dict())  # the same backbone, another task's head
+    task_b = get_peft_model(base_b, VisualPromptConfig(num_prompt_tokens=2))
+    with torch.no_grad():
+        for p in task_b.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+        want_b = task_b.eval()(pixel_values=x).logits
+    task_b.save_pretrained(tmp_path / "b")
+    model = _three_adapters(row, "sdpa", True)
+    model.load_adapter(tmp_path / "b", adapter_name="task_b")
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=["task_b", "default", "task_b", "__base__"]).logits
+        model.set_adapter("default")
+        want_default = model(pixel_values=x).logits
+    torch.testing.assert_close(mixed[[0, 2], :3], want_b[[0, 2]], atol=1e-6, rtol=1e-6)
+    assert torch.isneginf(mixed[[0, 2], 3:]).all()
+    torch.testing.assert_close(mixed[1], want_default[1], atol=1e-6, rtol=1e-6)

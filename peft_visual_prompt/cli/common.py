@@ -244,6 +244,7 @@ def setup(model_args, data_args, method, seed: int, main_process_first=None) -> 
 
     image_size = data_args.image_size or (DEFAULT_IMAGE_SIZE if model_args.model_name_or_path is None
                                           else processor_image_size(processor))
+    transformers.set_seed(seed)  # the new head and fresh prompts are drawn from it: a run is repeatable
     base = load_classifier(model_path, labels, model_args.model_revision, model_args.cache_dir)
     fit_image_size(base, image_size)
     if model_args.adapter_name_or_path:

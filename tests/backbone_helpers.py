@@ -1,5 +1,5 @@
 """Shared by the tests/test_backbones_<family>.py files: wrap a tiny model, read its prompts, compare with a reference
-forward (tests/backbone_references.py), and run SPT's four strategies on it."""
+forward (tests/references.py), and run SPT's four strategies on it."""
 
 from __future__ import annotations
 

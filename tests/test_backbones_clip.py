@@ -5,7 +5,7 @@ and sdpa); the text tower untouched; SPT."""
 import pytest
 import torch
 from backbone_helpers import build, check_against_reference, check_spt, prompt_layers, wrap
-from backbone_references import clip_reference
+from references import clip_reference
 from peft import get_peft_model
 from transformers import (
     CLIPConfig,

@@ -5,7 +5,7 @@ sdpa); SPT."""
 import pytest
 import torch
 from backbone_helpers import build, check_against_reference, check_spt, prompt_layers, wrap
-from backbone_references import siglip_reference
+from references import siglip_reference
 from transformers import (
     Siglip2Config,
     Siglip2ForImageClassification,

@@ -92,3 +92,17 @@ def test_floor_check_catches_a_wrong_floor(overhead, monkeypatch):
     monkeypatch.setattr(overhead.FloorVPT, "copy_prompts_from", swapped)
     check = overhead.compare_floor_and_plugin(quick=True, batch_size=2, num_prompts=3, seed=0)
     assert not overhead.floor_matches(check), check
+
+
+def test_mixed_benchmark_quick_run_agrees_and_counts_adapter_memory():
+    """benchmarks/mixed.py --quick: its three variants compute the same logits, and an added adapter costs exactly
+    its own parameters (timings are not checked)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mixed.py"), "--quick", "--tasks", "1", "4", "--warmup", "0",
+         "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2
+    assert all(float(row[-2]) < 1e-5 for row in rows)  # max abs diff between mixed, floor and task_by_task
+    assert "(ratio 1.000)" in proc.stdout

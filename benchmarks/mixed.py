@@ -140,9 +140,10 @@ def time_variants(variants: dict, x, names, warmup: int, steps: int) -> dict[str
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def section_tasks(args) -> list[str]:
-    lines = ["| T tasks | rows/task | mixed (s) | task_by_task (s) | floor (s) | mixed / floor | mixed / task_by_task |"
-             " max abs diff |", "|---|---|---|---|---|---|---|---|"]
+def section_tasks(args) -> None:
+    """Prints one table row per T as soon as it is measured."""
+    print("| T tasks | rows/task | mixed (s) | task_by_task (s) | floor (s) | mixed / floor | mixed / task_by_task |"
+          " max abs diff |\n|---|---|---|---|---|---|---|---|", flush=True)
     for tasks in args.tasks:
         model = build(args.quick, tasks, [args.prompts])
         x = torch.randn(args.batch, 3, model.config.image_size, model.config.image_size,
@@ -151,11 +152,9 @@ def section_tasks(args) -> list[str]:
         diff = check_same_logits(model, x, names)
         med = time_variants({"mixed": mixed(model), "task_by_task": task_by_task(model), "floor": floor(model)},
                             x, names, args.warmup, args.steps)
-        lines.append(f"| {tasks} | {args.batch // tasks} | {med['mixed']:.3f} | {med['task_by_task']:.3f} | "
-                     f"{med['floor']:.3f} | {med['mixed'] / med['floor']:.3f}x | "
-                     f"{med['mixed'] / med['task_by_task']:.3f}x | {diff:.1e} |")
-        print(lines[-1], flush=True)
-    return lines
+        print(f"| {tasks} | {args.batch // tasks} | {med['mixed']:.3f} | {med['task_by_task']:.3f} | "
+              f"{med['floor']:.3f} | {med['mixed'] / med['floor']:.3f}x | "
+              f"{med['mixed'] / med['task_by_task']:.3f}x | {diff:.1e} |", flush=True)
 
 
 def section_padding(args) -> list[str]:
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{'tiny ViT' if args.quick else 'ViT-B/16 224 px'}, inference_mode", flush=True)
-    print("\n".join(section_tasks(args)))
+    section_tasks(args)
     print()
     print("\n".join(section_padding(args)))
     return 0

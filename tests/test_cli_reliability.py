@@ -259,6 +259,17 @@ def _assert_same_adapter(output: Path, reference: dict) -> None:
         np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+def _parallel(*calls):
+    """Runs the (function, args...) calls two at a time: every CLI process here is single-threaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return [f.result() for f in [pool.submit(fn, *a) for fn, *a in calls]]
+
+
+FAULTS = ("spt", "step:5", "save:9", "final")
+
+
 def test_killed_runs_finish_with_the_uninterrupted_adapter(workdir, tiny_model, digits):
     # 54 training images, batch 8: 7 steps per epoch, 14 in all; a checkpoint every 3 steps.
     def args(output):
@@ -266,32 +277,36 @@ def test_killed_runs_finish_with_the_uninterrupted_adapter(workdir, tiny_model, 
                            "--save_steps", "3")
 
     reference_dir = workdir / "fault-reference"
-    assert _cli(args(reference_dir)).returncode == 0
+    outputs = {fault: workdir / f"fault-{fault.replace(':', '-')}" for fault in FAULTS}
+    reference_run, *killed = _parallel((_cli, args(reference_dir)),
+                                       *[(_cli, args(outputs[f]), f) for f in FAULTS])
+    assert reference_run.returncode == 0, reference_run.stderr[-3000:]
     reference = _adapter(reference_dir)
     assert json.loads((reference_dir / "metrics.json").read_text())["global_step"] == 14
+    for fault, result in zip(FAULTS, killed):
+        assert result.returncode == -9, (fault, result.stderr[-2000:])
+        assert not (outputs[fault] / "metrics.json").exists()
 
-    for fault in ("spt", "step:5", "save:9", "final"):
-        output = workdir / f"fault-{fault.replace(':', '-')}"
-        killed = _cli(args(output), fault=fault)
-        assert killed.returncode == -9, (fault, killed.stderr[-2000:])
-        assert not (output / "metrics.json").exists()
-        rerun = _rerun_until_finished(args(output))
+    # --overwrite_output_dir over a finished run, killed mid-epoch: the finished run stays intact.
+    overwritten = workdir / "fault-overwrite"
+    shutil.copytree(reference_dir, overwritten)
+    (overwritten / "stale.txt").write_text("from the previous run")
+    before = _snapshot(overwritten)
+    other = [*args(overwritten), "--overwrite_output_dir", "--num_prompt_tokens", "3"]
+
+    *reruns, killed_overwrite = _parallel(*[(_rerun_until_finished, args(outputs[f])) for f in FAULTS],
+                                          (_cli, other, "step:5"))
+    for fault, rerun in zip(FAULTS, reruns):
         if fault == "save:9":  # checkpoint-9 was half written: resumed from checkpoint-6
             assert "from checkpoint-6" in rerun.stderr, rerun.stderr[-2000:]
-        _assert_same_adapter(output, reference)
-        assert _leftovers(output) == []
+        _assert_same_adapter(outputs[fault], reference)
+        assert _leftovers(outputs[fault]) == []
 
-    # --overwrite_output_dir over a finished run, killed mid-epoch: the finished run is intact, and the same command
-    # again finishes the new run and only then replaces the old one.
-    output = workdir / "fault-overwrite"
-    shutil.copytree(reference_dir, output)
-    (output / "stale.txt").write_text("from the previous run")
-    before = _snapshot(output)
-    other = [*args(output), "--overwrite_output_dir", "--num_prompt_tokens", "3"]
-    assert _cli(other, fault="step:5").returncode == -9
-    assert _snapshot(output) == before
+    assert killed_overwrite.returncode == -9, killed_overwrite.stderr[-2000:]
+    assert _snapshot(overwritten) == before
+    # The same command again finishes the new run, and only then replaces the old one.
     rerun = _rerun_until_finished(other)
     assert "from checkpoint-3" in rerun.stderr
-    assert not (output / "stale.txt").exists() and (output / "metrics.json").is_file()
-    assert json.loads((output / "adapter_config.json").read_text())["num_prompt_tokens"] == 3
-    assert _leftovers(output) == []
+    assert not (overwritten / "stale.txt").exists() and (overwritten / "metrics.json").is_file()
+    assert json.loads((overwritten / "adapter_config.json").read_text())["num_prompt_tokens"] == 3
+    assert _leftovers(overwritten) == []

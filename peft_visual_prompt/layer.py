@@ -127,6 +127,7 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         self.visual_prompt_projection = nn.ModuleDict()
         self.prompt_dropout = nn.ModuleDict()
         self.prompt_slot: dict[str, PromptSlot] = {}
+        self.pool_prompts: dict[str, bool] = {}  # families that can pool prompts into their output (Swin) set it
         # adapter -> the Linear of this width, registered on one layer only (see the class docstring)
         self.shared_projection: dict[str, nn.Linear] = {}
         self._active_adapter = []

@@ -40,31 +40,37 @@ def plan_mixed_batch(tuner, adapter_names, batch_size: int) -> MixedBatch:
     row_counts = [counts[i] if i < len(adapters) else 0 for i in row_adapter]
     device = next(tuner.model.parameters()).device
     max_count = max(counts, default=0)
+    uniform = all(c == max_count for c in row_counts)
+    if not uniform and any(tuner.peft_config[a].include_prompts_in_pooling for a in adapters):
+        raise ValueError(
+            "include_prompts_in_pooling averages every prompt into the pool, so its rows cannot share a batch with "
+            "rows of other prompt counts or '__base__' rows. Run them in separate batches."
+        )
     return MixedBatch(
         adapters=adapters,
         row_adapter=torch.tensor(row_adapter, device=device),
         row_counts=torch.tensor(row_counts, device=device),
         max_count=max_count,
-        uniform=all(c == max_count for c in row_counts),
+        uniform=uniform,
     )
 
 
 def _check_same_layout(model: nn.Module, adapters: tuple[str, ...]) -> None:
-    """One pass serves adapters that prompt the same layers in the same mode (deep or shallow)."""
-    layouts = {}
-    for adapter in adapters:
-        layers = [
-            (name, m.prompt_slot[adapter].deep, getattr(m, "pool_prompts", {}).get(adapter, False))
-            for name, m in model.named_modules() if isinstance(m, VisualPromptLayer) and adapter in m.prompt_slot
+    """One pass serves adapters that prompt the same layers in the same mode (deep or shallow, pooled or not)."""
+    for layer in model.modules():
+        if not isinstance(layer, VisualPromptLayer):
+            continue
+        modes = [
+            (layer.prompt_slot[a].deep, layer.pool_prompts.get(a, False)) if a in layer.prompt_slot else None
+            for a in adapters
         ]
-        layouts[adapter] = layers
-    first = adapters[0] if adapters else None
-    for adapter in adapters[1:]:
-        if layouts[adapter] != layouts[first]:
-            raise ValueError(
-                f"Adapters {first!r} and {adapter!r} cannot share a mixed batch: they prompt different layers or "
-                "in different modes (deep/shallow, include_prompts_in_pooling). Run them in separate batches."
-            )
+        for adapter, mode in zip(adapters[1:], modes[1:]):
+            if mode != modes[0]:
+                raise ValueError(
+                    f"Adapters {adapters[0]!r} and {adapter!r} cannot share a mixed batch: they prompt different "
+                    "layers or in different modes (deep/shallow, include_prompts_in_pooling). Run them in separate "
+                    "batches."
+                )
 
 
 @contextmanager

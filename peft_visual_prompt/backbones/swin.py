@@ -63,7 +63,6 @@ class SwinPromptLayer(VisualPromptLayer):
                 f"{type(base_layer).__name__}. Leave target_modules unset, or make it match only those blocks."
             )
         super().__init__(base_layer, num_prefix_tokens)
-        self.pool_prompts: dict[str, bool] = {}
         # Set by `attach_swin` (unregistered: they belong to the base model): the stage's patch merging after this
         # block when it is its stage's last block, and the SwinModel whose hooks serve this layer.
         self.__dict__["_merge"] = None

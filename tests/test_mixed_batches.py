@@ -1,4 +1,5 @@
-"""Mixed-task batches (`adapter_names=`): every row of one pass equals that row run alone with its adapter.
+"""Mixed-task batches (`adapter_names=`): every row of one pass equals that row run alone with its adapter (to 1e-6
+of the output's scale).
 
 Runs over the contract suite's table (`model_table.ROWS`): every supported model class, deep and shallow, eager and
 sdpa, three adapters with three prompt counts plus "__base__", in shuffled row orders.
@@ -41,6 +42,14 @@ def _three_adapters(row, attn: str, deep: bool, **config):
     return model.eval()
 
 
+def assert_close_to_scale(got, want, what: str) -> None:
+    """Equal to 1e-6 of the output's scale (max |want|, at least 1): float32 rounding of a pass whose sequences
+    are padded to the batch's widest prompt count, whatever the head's magnitude."""
+    scale = max(1.0, float(want.abs().max()))
+    error = float((got - want).abs().max())
+    assert error <= 1e-6 * scale, f"{what}: max abs difference {error:.3g} > 1e-6 x scale {scale:.3g}"
+
+
 def _outputs(row, output, index=None):
     """The row's compared outputs as a flat list of tensors (optionally one batch row of each)."""
     flat = []
@@ -71,7 +80,7 @@ def test_every_row_equals_its_adapter_alone(row, attn, deep):
         mixed = model(pixel_values=x, adapter_names=names)
     for i, name in enumerate(names):
         for got, want in zip(_outputs(row, mixed, i), _alone(model, row, x[i : i + 1], name)):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
+            assert_close_to_scale(got, want, f"row {i} ({name})")
     # the adapters differ, so a row run with another adapter would be caught
     a, b = _alone(model, row, x[:1], "b"), _alone(model, row, x[:1], "c")
     assert any((p - q).abs().max() > 1e-4 for p, q in zip(a, b))

@@ -19,6 +19,7 @@ from transformers import (
     MetaClip2Model,
     MetaClip2VisionConfig,
     MetaClip2VisionModel,
+    MetaClip2VisionModelWithProjection,
 )
 
 from peft_visual_prompt import VisualPromptConfig
@@ -44,6 +45,9 @@ CASES = {
                   ("image_embeds", "text_embeds", "logits_per_image")),
     "MetaClip2VisionModel": (MetaClip2VisionModel, lambda: MetaClip2VisionConfig(**VISION),
                              ("last_hidden_state", "pooler_output")),
+    "MetaClip2VisionModelWithProjection": (MetaClip2VisionModelWithProjection,
+                                           lambda: MetaClip2VisionConfig(**VISION, projection_dim=16),
+                                           ("last_hidden_state", "image_embeds")),
     "MetaClip2ForImageClassification": (MetaClip2ForImageClassification,
                                         lambda: MetaClip2Config(vision_config=VISION, text_config=TEXT, num_labels=5),
                                         ("logits",)),
@@ -124,7 +128,8 @@ def test_heads_found_for_clip_classes():
     found = {name: find_heads(build(cls, config())) for name, (cls, config, _) in CASES.items()}
     assert found == {
         "CLIPVisionModel": [], "CLIPVisionModelWithProjection": [], "CLIPForImageClassification": ["classifier"],
-        "CLIPModel": [], "MetaClip2VisionModel": [], "MetaClip2ForImageClassification": ["classifier"],
+        "CLIPModel": [], "MetaClip2VisionModel": [], "MetaClip2VisionModelWithProjection": [],
+        "MetaClip2ForImageClassification": ["classifier"],
         "MetaClip2Model": [],
     }
 

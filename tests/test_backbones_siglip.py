@@ -46,6 +46,8 @@ CASES = {
                     ("image_embeds", "text_embeds", "logits_per_image"), True, False),
     "Siglip2VisionModel": (Siglip2VisionModel, lambda: Siglip2VisionConfig(**VISION, num_patches=16),
                            ("last_hidden_state", "pooler_output"), False, True),
+    "Siglip2Model": (Siglip2Model, lambda: Siglip2Config(vision_config=dict(**VISION, num_patches=16), text_config=TEXT),
+                     ("image_embeds", "text_embeds", "logits_per_image"), True, True),
     "Siglip2ForImageClassification": (Siglip2ForImageClassification, lambda: Siglip2Config(
         vision_config=dict(**VISION, num_patches=16), text_config=TEXT, num_labels=5), ("logits",), False, True),
 }
@@ -59,9 +61,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _siglip_model_reference(base_model, pixel_values, prompts, deep, num_prefix=0, input_ids=None):
-    """SiglipModel: the vision reference's pooled image embedding against the (unprompted) text tower."""
-    out = siglip_reference(base_model.vision_model, pixel_values, prompts, deep, num_prefix)
+def _siglip_model_reference(base_model, pixel_values, prompts, deep, num_prefix=0, input_ids=None, **vision_inputs):
+    """SiglipModel / Siglip2Model: the vision reference's pooled image embedding against the (unprompted) text
+    tower."""
+    out = siglip_reference(base_model.vision_model, pixel_values, prompts, deep, num_prefix, **vision_inputs)
     image = out["pooler_output"]
     text = base_model.text_model(input_ids=input_ids).pooler_output
     image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
@@ -125,7 +128,8 @@ def test_two_tower_model_leaves_the_text_tower_alone():
 def test_heads_found_for_siglip_classes():
     found = {name: find_heads(build(cls, config())) for name, (cls, config, *_) in CASES.items()}
     assert found == {"SiglipVisionModel": [], "SiglipForImageClassification": ["classifier"], "SiglipModel": [],
-                     "Siglip2VisionModel": [], "Siglip2ForImageClassification": ["classifier"]}
+                     "Siglip2VisionModel": [], "Siglip2Model": [],
+                     "Siglip2ForImageClassification": ["classifier"]}
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])

@@ -68,6 +68,11 @@ def _snapshot(directory: Path) -> dict:
     return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
 
 
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
 def _leftovers(output: Path) -> list[str]:
     return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}"))
 
@@ -132,7 +137,7 @@ def test_incomplete_checkpoint_is_never_resumed_from(workdir, trained, tiny_mode
 
 def test_explicit_incomplete_checkpoint_is_refused(workdir, trained, tiny_model, digits, capsys):
     output = _unfinished_copy(trained, workdir / "truncated-explicit")
-    (output / "checkpoint-4" / "trainer_state.json").unlink()
+    _truncate(output / "checkpoint-4" / "optimizer.pt")  # killed while writing checkpoint-4
     line = _error(capsys, _train_args(tiny_model, digits, output, "--init", "xavier_uniform", "--max_steps", "4",
                                       "--resume_from_checkpoint", str(output / "checkpoint-4")))
     assert "checkpoint-4" in line and "--resume_from_checkpoint" in line
@@ -192,11 +197,6 @@ def test_empty_class_folder_is_named(workdir, tiny_model, digits, capsys):
 # 4. Broken adapter files: one line naming the file, for evaluate, predict and train --adapter_name_or_path
 
 
-def _truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
-
-
 BREAKAGES = {
     "config-truncated": ("adapter_config.json", lambda p: _truncate(p), "not valid JSON"),
     "config-not-json": ("adapter_config.json", lambda p: p.write_text("<html>rate limited</html>"), "not valid JSON"),
@@ -218,6 +218,7 @@ def test_broken_adapter_files(workdir, trained, tiny_model, digits, breakage, ca
                              str(adapter))):
         line = _error(capsys, argv)
         assert name in line and what in line, (argv[0], line)
+        assert "--model_name_or_path" not in line  # another base model is not the fix for a damaged file
     assert not (workdir / f"train-{breakage}").exists()
 
 

@@ -1,3 +1,5 @@
+"""`python -m peft_visual_prompt.cli`: the same as the `peft-visual-prompt` console command."""
+
 import sys
 
 from . import main

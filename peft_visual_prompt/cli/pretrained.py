@@ -105,15 +105,19 @@ def _hf_name(onnx_name: str) -> str:
 
 def _onnx_to_dinov2(model_proto):
     """(Dinov2Config, state dict) read from the graph. Hyperparameters come from the graph, not from assumptions."""
+    sd, patch_pos = _onnx_state_dict(model_proto)
+    config = _onnx_config(model_proto, sd, patch_pos)
+    # Used only for masked-image pretraining and not exported; zeros as in transformers' own init.
+    sd["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)
+    return config, sd
+
+
+def _onnx_state_dict(model_proto):
+    """(state dict under transformers' Dinov2Model names, the patch part of the position embedding)."""
     from onnx import numpy_helper
-    from transformers import Dinov2Config
 
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
-    consts = {
-        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-        for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
-    }
     arr = lambda name: torch.from_numpy(numpy_helper.to_array(inits[name]).copy())  # noqa: E731
     sd, used = {}, set()
 
@@ -148,8 +152,19 @@ def _onnx_to_dinov2(model_proto):
     leftover = [n for n in inits if n not in used and not n.startswith("decoder.")]
     if leftover:
         raise RuntimeError(f"ONNX initializers left unmapped: {leftover[:5]}{'...' if len(leftover) > 5 else ''}")
+    return sd, patch_pos
 
-    # Hyperparameters, each read from where the graph encodes it.
+
+def _onnx_config(model_proto, sd: dict, patch_pos):
+    """The Dinov2Config, each hyperparameter read from where the graph encodes it."""
+    from onnx import numpy_helper
+    from transformers import Dinov2Config
+
+    g = model_proto.graph
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
     hidden = sd["embeddings.cls_token"].shape[-1]
     patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
@@ -183,9 +198,7 @@ def _onnx_to_dinov2(model_proto):
         layerscale_value=1.0,  # only an init value; the trained lambdas are in the state dict
         use_swiglu_ffn=False,
     )
-    # Used only for masked-image pretraining and not exported; zeros as in transformers' own init.
-    sd["embeddings.mask_token"] = torch.zeros(1, hidden)
-    return config, sd
+    return config
 
 
 def _backbone_output_name(model_proto) -> str:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 from references import (
+    beit_reference,
     clip_reference,
     dinov3_reference,
     ijepa_reference,
@@ -22,6 +23,10 @@ from references import (
     vit_reference,
 )
 from transformers import (
+    BeitBackbone,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitModel,
     CLIPConfig,
     CLIPForImageClassification,
     CLIPVisionConfig,
@@ -233,6 +238,43 @@ ROWS += [
     _row(ViTMSNModel, ViTMSNConfig, VIT_SIZE, 1, _layers("layers."), ("last_hidden_state",), (), vit_msn_reference),
     _row(ViTMSNForImageClassification, ViTMSNConfig, {**VIT_SIZE, **LABELS}, 1, _layers("vit.layers."), ("logits",),
          ("classifier",), vit_msn_reference),
+]
+
+
+
+def perturb_beit_(model) -> None:
+    """BEiT initialises its relative position bias tables to zeros: make them matter (and the classifier visible)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "relative_position_bias_table"):
+                module.relative_position_bias_table.normal_(0.0, 1.0)
+        if hasattr(model, "classifier"):
+            model.classifier.weight.normal_(0.0, 1.0)
+
+
+def perturb_beit_backbone_(model) -> None:
+    """As `perturb_beit_`, and attention values 3x: BEiT's feature maps are unnormalised residual streams, in which
+    the attention's share (and so the prompts' effect) is otherwise a few 1e-3."""
+    perturb_beit_(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "o_proj"):
+                module.v_proj.weight.mul_(3.0)
+                module.o_proj.weight.mul_(3.0)
+
+
+BEIT_SIZE = dict(**VIT_SIZE, layer_scale_init_value=1.0)
+ROWS += [
+    # the layer's own bias and the shared one together, CLS pooling
+    Row(BeitModel, BeitConfig, dict(**BEIT_SIZE, use_relative_position_bias=True,
+                                    use_shared_relative_position_bias=True, use_mean_pooling=False),
+        32, 1, _layers("layers."), BARE, (), beit_reference, init=perturb_beit_),
+    # the layer's own bias, mean pooling
+    Row(BeitForImageClassification, BeitConfig, dict(**BEIT_SIZE, **LABELS, use_relative_position_bias=True), 32, 1,
+        _layers("beit.layers."), ("logits",), ("classifier",), beit_reference, init=perturb_beit_),
+    Row(BeitBackbone, BeitConfig, dict(**BEIT_SIZE, use_relative_position_bias=True,
+                                       out_features=["stem", "stage2", "stage3"]),
+        32, 1, _layers("beit.layers."), ("feature_maps",), (), beit_reference, init=perturb_beit_backbone_),
 ]
 
 # Supported classes whose rows wait for `heads.find_heads` to give their heads (see the issue-13 report): CLIP-like

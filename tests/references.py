@@ -509,3 +509,127 @@ def vit_mae_reference(base_model, pixel_values, prompts, deep, num_prefix: int =
     states = prompted_encoder(model.layers, hidden, prompts, deep, num_prefix)
     return {"last_hidden_state": model.layernorm(states[-1]), "ids_restore": ids_restore, "mask": mask,
             "hidden_states": states}
+
+
+# ------------------------------------------------------------------------------------------------------------ BEiT
+
+
+def beit_relative_bias(bias_module, height: int, width: int) -> torch.Tensor:
+    """A BEiT relative position bias for an (height x width) patch grid plus CLS, built by hand from its table:
+    (heads, 1 + h*w, 1 + h*w). Patch i=(r1, c1) to j=(r2, c2) reads row (r1 - r2 + h - 1) * (2w - 1) + (c1 - c2 + w - 1);
+    CLS to a patch, a patch to CLS and CLS to CLS read the table's last three rows."""
+    table = bias_module.relative_position_bias_table
+    size = (2 * height - 1) * (2 * width - 1)
+    coords = [(r, c) for r in range(height) for c in range(width)]
+    index = torch.empty(1 + len(coords), 1 + len(coords), dtype=torch.long)
+    index[1:, 1:] = torch.tensor([[(r1 - r2 + height - 1) * (2 * width - 1) + (c1 - c2 + width - 1)
+                                   for (r2, c2) in coords] for (r1, c1) in coords])
+    index[0, :], index[:, 0], index[0, 0] = size, size + 1, size + 2
+    return table[index].permute(2, 0, 1)
+
+
+def beit_layer(layer, hidden, bias):
+    """A `BeitLayer` written out (eval mode): attention with the additive `bias`, layer scale, MLP."""
+    attention = layer.attention
+    batch, length, width = hidden.shape
+    heads = attention.num_attention_heads
+    head_dim = width // heads
+
+    def split(t):
+        return t.view(batch, length, heads, head_dim).transpose(1, 2)
+
+    x = layer.layernorm_before(hidden)
+    q, k, v = split(attention.q_proj(x)), split(attention.k_proj(x)), split(attention.v_proj(x))
+    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    attended = attention.o_proj((probs @ v).transpose(1, 2).reshape(batch, length, width))
+    hidden = hidden + layer.lambda_1 * attended
+    return hidden + layer.lambda_2 * layer.mlp(layer.layernorm_after(hidden))
+
+
+def beit_reference(base_model, pixel_values, prompts, deep, num_prefix: int = 1, key_mask=None,
+                   interpolate_pos_encoding: bool | None = None, **inputs) -> dict:
+    """BEiT: embeddings, prompted layers written out with their relative position biases (the layer's own and the
+    model's shared one) built by hand and zero-padded at the prompt positions, then the final norm, the pooler (CLS,
+    or layernormed mean of the patches), the classifier and the backbone's feature maps. `key_mask` (batch, tokens):
+    an optional bool padding mask, prompts always visible. With `interpolate_pos_encoding` set (another resolution),
+    the unpadded biases come from the model's bias modules, which interpolate their tables to the new grid."""
+    model = copy.deepcopy(base_model)
+    backbone = model if hasattr(model, "embeddings") else model.beit
+    config = model.config
+    height, width = pixel_values.shape[2] // config.patch_size, pixel_values.shape[3] // config.patch_size
+    hidden = backbone.embeddings(pixel_values)
+    batch = hidden.shape[0]
+    first = min(prompts)
+    num_prompts = prompts[first].shape[0]
+    shared = None
+
+    def relative_bias(module):
+        if interpolate_pos_encoding is None:
+            return beit_relative_bias(module, height, width)[None]
+        return module((height, width), interpolate_pos_encoding=interpolate_pos_encoding, dim_size=hidden.shape[1])
+
+    if backbone.shared_position_bias is not None:
+        shared = relative_bias(backbone.shared_position_bias)
+
+    def padded(bias):
+        """Zero rows and columns at the prompt positions of a (1, heads, n, n) position bias."""
+        n = bias.shape[-1]
+        out = bias.new_zeros(*bias.shape[:-2], n + num_prompts, n + num_prompts)
+        keep = [i for i in range(n + num_prompts) if not num_prefix <= i < num_prefix + num_prompts]
+        out[..., torch.tensor(keep)[:, None], torch.tensor(keep)[None, :]] = bias
+        return out
+
+    def position_bias(layer):
+        bias = None
+        if layer.relative_position_bias is not None:
+            bias = relative_bias(layer.relative_position_bias)
+        if shared is not None:
+            bias = shared if bias is None else bias + shared
+        return bias
+
+    def mask_bias(prompted: bool):
+        if key_mask is None:
+            return None
+        keys = key_mask
+        if prompted:
+            keys = torch.cat([key_mask[:, :num_prefix], torch.ones(batch, num_prompts, dtype=torch.bool),
+                              key_mask[:, num_prefix:]], dim=1)
+        return torch.zeros(batch, 1, 1, keys.shape[1]).masked_fill(~keys[:, None, None, :],
+                                                                   torch.finfo(torch.float32).min)
+
+    class Layer:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, tokens, _mask):
+            prompted = tokens.shape[1] != hidden.shape[1]
+            bias = position_bias(self.layer)
+            if bias is not None and prompted:
+                bias = padded(bias)
+            user = mask_bias(prompted)
+            total = user if bias is None else (bias if user is None else bias + user)
+            return beit_layer(self.layer, tokens, total)
+
+    states = prompted_encoder([Layer(layer) for layer in backbone.layers], hidden, prompts, deep, num_prefix)
+    sequence = backbone.layernorm(states[-1])
+    out = {"last_hidden_state": sequence, "hidden_states": states}
+    pooler = backbone.pooler
+    if pooler is not None:
+        out["pooler_output"] = (pooler.layernorm(sequence[:, 1:].mean(dim=1)) if pooler.layernorm is not None
+                                else sequence[:, 0])
+    else:
+        out["pooler_output"] = None
+    if hasattr(model, "classifier"):
+        out["logits"] = model.classifier(out["pooler_output"])
+    if hasattr(model, "out_features"):
+        maps = []
+        for stage, tokens in zip(model.stage_names, states):
+            if stage in model.out_features:
+                if config.reshape_hidden_states:
+                    tokens = tokens[:, 1:].transpose(1, 2).reshape(batch, -1, height, width)
+                maps.append(tokens)
+        out["feature_maps"] = tuple(maps)
+    return out

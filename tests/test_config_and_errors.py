@@ -39,14 +39,14 @@ def test_config_round_trips_through_adapter_config_json(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported_and_explains_target_modules():
-    from transformers import BeitConfig, BeitForImageClassification
+    from transformers import Swinv2Config, Swinv2ForImageClassification
 
-    model = BeitForImageClassification(BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                  intermediate_size=64, image_size=32, patch_size=8))
+    model = Swinv2ForImageClassification(Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                      num_heads=[1, 2], window_size=4))
     with pytest.raises(ValueError) as error:
         get_peft_model(model, VisualPromptConfig())
     message = str(error.value)
-    assert "model_type='beit'" in message and "relative position bias" in message
+    assert "model_type='swinv2'" in message and "cosine attention" in message
     assert "dinov2, dinov2_with_registers" in message and "target_modules" in message
 
 

@@ -1,5 +1,5 @@
 """SPT (`peft_visual_prompt.spt`): K-means quality against scikit-learn, every strategy against an independent
-computation, the memory bound, errors, save/load, deep vs shallow, projection exactness, NMI and its callback, Swin."""
+computation, the memory bound, errors, save/load, deep vs shallow, projection exactness, NMI wiring and its callback, Swin."""
 
 import copy
 import json
@@ -21,8 +21,10 @@ from tiny_models import VIT_FAMILY, tiny_model  # noqa: E402
 from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer  # noqa: E402
 from peft_visual_prompt.spt import (  # noqa: E402
     PromptPatchNMICallback,
+    attention_nmi,
     initialize_prompts,
     kmeans,
+    nmi_from_tokens,
     prompt_patch_nmi,
 )
 from peft_visual_prompt.spt.clustering import _lloyd  # noqa: E402
@@ -416,22 +418,11 @@ def test_projection_reproduces_the_prototypes_exactly():
 # ------------------------------------------------------------------------------------------------------ NMI
 
 
-def reference_nmi(prompts: np.ndarray, patches: np.ndarray) -> float:
-    """Per image: J[i, j] ~ sigmoid(p_i . e_j / sqrt(d)), normalised; NMI = I / sqrt(H(p) H(e)); mean over images."""
-    values = []
-    for p, e in zip(prompts, patches):
-        joint = 1.0 / (1.0 + np.exp(-(p @ e.T) / np.sqrt(p.shape[-1])))
-        joint /= joint.sum()
-        pp, pe = joint.sum(1), joint.sum(0)
-        mutual = sum(joint[i, j] * np.log(joint[i, j] / (pp[i] * pe[j]))
-                     for i in range(joint.shape[0]) for j in range(joint.shape[1]))
-        hp, he = -(pp * np.log(pp)).sum(), -(pe * np.log(pe)).sum()
-        values.append(mutual / np.sqrt(hp * he))
-    return float(np.mean(values))
-
-
+@pytest.mark.parametrize("estimator", ["tokens", "attention"])
 @pytest.mark.parametrize("deep", [True, False])
-def test_nmi_matches_an_independent_implementation(deep):
+def test_nmi_reads_each_layers_prompts_and_patches(deep, estimator):
+    """Wiring: `prompt_patch_nmi` applies the estimator to the (prompts, patches) each layer reads, captured here by a
+    hand-written VPT forward. The estimator itself is tested against known answers in test_spt_nmi.py."""
     model, reference = prompted(deep=deep)
     data = batches(2)
     initialize_prompts(model, data, "random")
@@ -440,7 +431,8 @@ def test_nmi_matches_an_independent_implementation(deep):
             if isinstance(m, VisualPromptLayer) and "default" in m.visual_prompt_embeddings:
                 m.visual_prompt_embeddings["default"].mul_(6.0)
     pixels = data[0]["pixel_values"][:2]
-    got = prompt_patch_nmi(model, pixels)
+    got = prompt_patch_nmi(model, pixels, estimator=estimator)
+    layers = [m for m in model.modules() if isinstance(m, VisualPromptLayer)]
     # Hand-written VPT forward on the untouched copy, recording (prompts, patches) at each layer's input.
     own = owned_prompts(model)
     expected = []
@@ -451,12 +443,16 @@ def test_nmi_matches_an_independent_implementation(deep):
             if i == 0 or deep:
                 rest = hidden[:, 1:] if i == 0 else hidden[:, 1 + P :]
                 hidden = torch.cat([hidden[:, :1], own[i].expand(2, -1, -1), rest], dim=1)
-            expected.append(reference_nmi(hidden[:, 1 : 1 + P].double().numpy(), hidden[:, 1 + P :].double().numpy()))
+            prompts, patches = hidden[:, 1 : 1 + P], hidden[:, 1 + P :]
+            expected.append(nmi_from_tokens(prompts, patches) if estimator == "tokens"
+                            else attention_nmi(prompts, patches, layers[i]))
             hidden = layer(hidden)
     assert len(got) == 3
     assert all(0.0 <= v <= 1.0 for v in got)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
-    assert max(got) > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    assert max(got) > (1e-3 if estimator == "tokens" else 1e-7)  # not trivially 0
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        prompt_patch_nmi(model, pixels, estimator="dot")
 
 
 def test_nmi_callback_logs_into_log_history(tmp_path):

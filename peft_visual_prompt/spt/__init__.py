@@ -10,16 +10,19 @@ method. How it works, module by module: docs/spt.md.
 from .clustering import KMEANS_MAX_ITER, KMEANS_TOL, KMeansResult, kmeans
 from .initialize import DEFAULT_MAX_TOKENS_PER_LAYER, initialize_prompts
 from .keys import priority_keys
-from .nmi import PromptPatchNMICallback, nmi_from_tokens, prompt_patch_nmi
+from .nmi import PromptPatchNMICallback, attention_nmi, nmi_from_joint, nmi_from_logits, nmi_from_tokens, prompt_patch_nmi
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_PER_LAYER",
     "KMEANS_MAX_ITER",
     "KMEANS_TOL",
     "KMeansResult",
+    "attention_nmi",
     "PromptPatchNMICallback",
     "initialize_prompts",
     "kmeans",
+    "nmi_from_joint",
+    "nmi_from_logits",
     "nmi_from_tokens",
     "priority_keys",
     "prompt_patch_nmi",

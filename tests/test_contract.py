@@ -205,6 +205,7 @@ def test_output_matches_the_reference_and_prompts_matter(row, mode, attn):
     with torch.no_grad():
         got = row.select(peft_model(pixel_values=x))
         base = row.select(pristine(pixel_values=x))
+    assert [t.shape for t in tensors(got)] == [t.shape for t in tensors(base)]  # the base model's layout
     assert_close(got, reference(row, pristine, peft_model, x), atol=1e-5)
     for name in row.outputs:  # every compared output changes
         assert max_difference(got[name], base[name]) > 1e-3, name

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 from references import (
+    data2vec_vision_reference,
     beit_reference,
     clip_reference,
     dinov3_reference,
@@ -23,6 +24,9 @@ from references import (
     vit_reference,
 )
 from transformers import (
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    Data2VecVisionModel,
     BeitBackbone,
     BeitConfig,
     BeitForImageClassification,
@@ -275,6 +279,18 @@ ROWS += [
     Row(BeitBackbone, BeitConfig, dict(**BEIT_SIZE, use_relative_position_bias=True,
                                        out_features=["stem", "stage2", "stage3"]),
         32, 1, _layers("beit.layers."), ("feature_maps",), (), beit_reference, init=perturb_beit_backbone_),
+]
+
+ROWS += [
+    # Data2Vec-Vision picks its attention class when built: both rows run its default (sdpa) class under either
+    # setting; tests/test_backbones_data2vec_vision.py builds both classes.
+    Row(Data2VecVisionModel, Data2VecVisionConfig, dict(**BEIT_SIZE, use_relative_position_bias=True,
+                                                        use_shared_relative_position_bias=True),
+        32, 1, _layers("encoder.layer."), ("last_hidden_state",), (), data2vec_vision_reference, init=perturb_beit_),
+    Row(Data2VecVisionForImageClassification, Data2VecVisionConfig,
+        dict(**BEIT_SIZE, **LABELS, use_relative_position_bias=True), 32, 1,
+        _layers("data2vec_vision.encoder.layer."), ("logits",), ("classifier",), data2vec_vision_reference,
+        init=perturb_beit_),
 ]
 
 # Supported classes whose rows wait for `heads.find_heads` to give their heads (see the issue-13 report): CLIP-like

@@ -633,3 +633,92 @@ def beit_reference(base_model, pixel_values, prompts, deep, num_prefix: int = 1,
                 maps.append(tokens)
         out["feature_maps"] = tuple(maps)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- Data2Vec-Vision
+
+
+def data2vec_vision_layer(layer, hidden, bias):
+    """A `Data2VecVisionLayer` written out (eval mode): attention with the additive `bias`, layer scale, MLP."""
+    attention = layer.attention.attention
+    batch, length, width = hidden.shape
+    head_dim = attention.attention_head_size
+    heads = width // head_dim
+
+    def split(t):
+        return t.view(batch, length, heads, head_dim).transpose(1, 2)
+
+    x = layer.layernorm_before(hidden)
+    q, k, v = split(attention.query(x)), split(attention.key(x)), split(attention.value(x))
+    scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+    if bias is not None:
+        scores = scores + bias
+    attended = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, length, width)
+    attended = layer.attention.output.dense(attended)
+    if layer.lambda_1 is not None:
+        attended = layer.lambda_1 * attended
+    hidden = hidden + attended
+    mlp = layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(
+        layer.layernorm_after(hidden))))
+    if layer.lambda_2 is not None:
+        mlp = layer.lambda_2 * mlp
+    return hidden + mlp
+
+
+def data2vec_vision_reference(base_model, pixel_values, prompts, deep, num_prefix: int = 1,
+                              interpolate_pos_encoding: bool | None = None, **inputs) -> dict:
+    """Data2Vec-Vision: embeddings, prompted layers written out with the layer's own and the encoder's shared relative
+    position biases built by hand from their tables and zero-padded at the prompt positions, final norm, pooler (CLS
+    or layernormed mean of the patches), classifier. With `interpolate_pos_encoding` set (another resolution), the
+    unpadded biases come from the model's bias modules, which interpolate their tables to the new grid."""
+    model = copy.deepcopy(base_model)
+    backbone = model if hasattr(model, "embeddings") else model.data2vec_vision
+    config = model.config
+    height, width = pixel_values.shape[2] // config.patch_size, pixel_values.shape[3] // config.patch_size
+    hidden = backbone.embeddings(pixel_values)
+    if isinstance(hidden, tuple):
+        hidden = hidden[0]
+    first = min(prompts)
+    num_prompts = prompts[first].shape[0]
+    encoder = backbone.encoder
+
+    def relative_bias(module):
+        if interpolate_pos_encoding is None:
+            return beit_relative_bias(module, height, width)[None]
+        return module((height, width), interpolate_pos_encoding=interpolate_pos_encoding, dim_size=hidden.shape[1])
+
+    shared = None
+    if getattr(encoder, "relative_position_bias", None) is not None:
+        shared = relative_bias(encoder.relative_position_bias)
+
+    def padded(bias):
+        n = bias.shape[-1]
+        keep = torch.tensor([i for i in range(n + num_prompts) if not num_prefix <= i < num_prefix + num_prompts])
+        out = bias.new_zeros(*bias.shape[:-2], n + num_prompts, n + num_prompts)
+        out[..., keep[:, None], keep[None, :]] = bias
+        return out
+
+    class Layer:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, tokens, _mask):
+            own = getattr(self.layer.attention.attention, "relative_position_bias", None)
+            bias = None if own is None else relative_bias(own)
+            if shared is not None:
+                bias = shared if bias is None else bias + shared
+            if bias is not None and tokens.shape[1] != hidden.shape[1]:
+                bias = padded(bias)
+            return data2vec_vision_layer(self.layer, tokens, bias)
+
+    states = prompted_encoder([Layer(layer) for layer in encoder.layer], hidden, prompts, deep, num_prefix)
+    sequence = backbone.layernorm(states[-1])
+    out = {"last_hidden_state": sequence, "hidden_states": states}
+    pooler = backbone.pooler
+    out["pooler_output"] = None
+    if pooler is not None:
+        out["pooler_output"] = (pooler.layernorm(sequence[:, 1:].mean(dim=1)) if pooler.layernorm is not None
+                                else sequence[:, 0])
+    if hasattr(model, "classifier"):
+        out["logits"] = model.classifier(out["pooler_output"])
+    return out

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import beit, clip, dinov3, ijepa, siglip, swin, vit, vit_mae, vit_msn
+from . import beit, clip, data2vec_vision, dinov3, ijepa, siglip, swin, vit, vit_mae, vit_msn
 from .base import BackboneFamily, config_patch_size
 
 FAMILIES: list[BackboneFamily] = [
     vit.FAMILY, swin.FAMILY, clip.FAMILY, siglip.FAMILY, dinov3.FAMILY, ijepa.FAMILY, vit_msn.FAMILY, vit_mae.FAMILY,
-    beit.FAMILY,
+    beit.FAMILY, data2vec_vision.FAMILY,
 ]
 
 # Model types whose layers a supported family's wrapper would misread, even with explicit target_modules.
 UNSUPPORTED_RELATIVES = {
     "swinv2": "Swinv2 uses cosine attention and a continuous position bias",
     "donut-swin": "Donut-Swin has its own attention code",
-    "data2vec-vision": "Data2Vec-Vision adds a relative position bias inside each layer",
     "timm_wrapper": "timm models need torchvision, which this package does not depend on (and which cannot be installed "
                     "in its test environment), so their layers are untested",
 }

@@ -18,7 +18,8 @@ FAMILIES: list[BackboneFamily] = [
 
 # Model types whose layers a supported family's wrapper would misread, even with explicit target_modules.
 UNSUPPORTED_RELATIVES = {
-    "swinv2": "Swinv2 uses cosine attention and a continuous position bias",
+    "swinv2": "Swinv2 uses cosine attention with a learnt logit scale, a continuous position bias computed by an MLP "
+              "and post-norm blocks, which the Swin wrapper does not implement",
     "donut-swin": "Donut-Swin has its own attention code",
     "timm_wrapper": "timm models need torchvision, which this package does not depend on (and which cannot be installed "
                     "in its test environment), so their layers are untested",

@@ -23,8 +23,15 @@ C. Peak memory. The deep pass with `max_tokens_per_layer=4096` on N and 2N image
    rows the pass stored. Both runs exceed the cap (N x 196 > 4,096), so the reservoir is full in both and the peak
    should not grow with the data.
 
+D. The pass against a forward. In one process, on the same ViT-B/16 and the same loader (N synthetic images, batch
+   16, VPT-Deep, 10 prompts, default cap): a plain no-grad forward of the model over the loader (adapter disabled,
+   eval mode: the floor) and `initialize_prompts` with each strategy, interleaved (forward, kmeans, forward, mean,
+   forward, max, forward, random, forward, ...) so that load on the machine hits all alike. Each pass is reported as
+   a ratio to the mean of the two forwards around it.
+
 Usage:
     python benchmarks/prototypes.py                  # all sections (about 8 minutes on 2 busy cores)
+    python benchmarks/prototypes.py --section ratio --images 32 --reps 2
     python benchmarks/prototypes.py --section kmeans --reps 3
     python benchmarks/prototypes.py --quick          # small sizes, a smoke run
 """
@@ -265,12 +272,89 @@ def report_memory(runs: list[dict]) -> None:
     print()
 
 
+# ----------------------------------------------------------------------------------------------- section D
+
+
+def bench_ratio(images: int, batch_size: int, reps: int, quick: bool, strategies: list[str]) -> dict:
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader, Dataset
+
+    from peft_visual_prompt import VisualPromptConfig
+    from peft_visual_prompt.spt import initialize_prompts
+
+    base = vit(quick)
+    size = base.config.image_size
+    model = get_peft_model(base, VisualPromptConfig(num_prompt_tokens=10, deep=True))
+
+    class Synthetic(Dataset):
+        def __len__(self):
+            return images
+
+        def __getitem__(self, i):
+            return {"pixel_values": image(i, size)}
+
+    loader = DataLoader(Synthetic(), batch_size=batch_size)
+
+    def forward() -> float:
+        start = time.perf_counter()
+        model.eval()
+        with torch.no_grad(), model.disable_adapter():
+            for batch in loader:
+                model(pixel_values=batch["pixel_values"])
+        return time.perf_counter() - start
+
+    def spt(strategy: str) -> tuple[float, dict]:
+        from peft_visual_prompt.spt import initialize as module
+
+        # "kmeans-sequential": the layers' K-means one after the other after the pass (the former schedule)
+        module.PARALLEL_PROTOTYPES = strategy != "kmeans-sequential"
+        start = time.perf_counter()
+        stats = initialize_prompts(model, loader, strategy.split("-")[0])
+        module.PARALLEL_PROTOTYPES = True
+        return time.perf_counter() - start, stats
+
+    forward()  # warm-up (allocator, kernels)
+    rows, previous = [], forward()
+    for rep in range(reps):
+        for strategy in strategies:
+            seconds, stats = spt(strategy)
+            after = forward()
+            floor = (previous + after) / 2
+            rows.append({"rep": rep + 1, "strategy": strategy, "seconds": seconds, "forward_before": previous,
+                         "forward_after": after, "ratio": seconds / floor, "collect": stats["seconds"]["collect"],
+                         "prototypes": stats["seconds"]["prototypes"],
+                         "iterations": [layer.get("iterations") for layer in stats["layers"]]})
+            previous = after
+    return {"images": images, "batch_size": batch_size, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def report_ratio(res: dict, quick: bool) -> None:
+    model = "tiny ViT (--quick)" if quick else "ViT-B/16, 224 px, random weights"
+    print(f"### D. Prototype pass / plain no-grad forward, {model}, {res['images']} images, batch "
+          f"{res['batch_size']}, deep, 10 prompts, default cap, {res['threads']} threads\n")
+    print("| rep | strategy | pass (s) | collect (s) | prototypes after the pass (s) | forward before / after (s) | "
+          "pass / forward |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['rep']} | {r['strategy']} | {r['seconds']:.2f} | {r['collect']:.2f} | {r['prototypes']:.2f} | "
+              f"{r['forward_before']:.2f} / {r['forward_after']:.2f} | {r['ratio']:.2f}x |")
+    print()
+    for strategy in dict.fromkeys(r["strategy"] for r in res["rows"]):
+        ratios = [r["ratio"] for r in res["rows"] if r["strategy"] == strategy]
+        print(f"- {strategy}: median {statistics.median(ratios):.2f}x a plain forward over the same images "
+              f"({', '.join(f'{x:.2f}' for x in ratios)})")
+    print()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory"], default="all")
+    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio"], default="all")
+    parser.add_argument("--strategies", default="kmeans,mean,max,random",
+                        help="section D's strategies; 'kmeans-sequential' runs the layers' K-means one after the "
+                             "other after the pass")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=10)
@@ -297,6 +381,9 @@ def main() -> None:
     if args.section in ("all", "pass"):
         runs = [run_pass(args.images, deep, 65536, args.quick, args.batch_size) for deep in (True, False)]
         report_pass(runs, kmeans_at_cap(args.quick), args.quick)
+    if args.section in ("all", "ratio"):
+        report_ratio(bench_ratio(args.images, args.batch_size, args.reps, args.quick, args.strategies.split(",")),
+                     args.quick)
     if args.section in ("all", "memory"):
         cap = 4096 if not args.quick else 64
         runs = [run_pass(n, True, cap, args.quick, args.batch_size) for n in (args.images, 2 * args.images)]

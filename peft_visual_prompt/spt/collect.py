@@ -14,7 +14,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -196,6 +196,9 @@ class TokenCollector:
         self.device, self.by_dataset_index = device, by_dataset_index
         self.batch_index, self.indices, self.seen, self.images = -1, None, 0, 0
         self.patch_embedding, self.patch_tokens = patch_embedding, None
+        # (batch index, callback): after that batch, a target's reservoir is final; the callback gets the target as
+        # soon as its tokens are offered, so its prototypes can start while the forward goes on (`initialize.py`).
+        self.on_final: Optional[tuple[int, Callable[[Target], None]]] = None
 
     def hooks(self) -> list:
         return [(t.layer, functools.partial(self._record, t)) for t in self.targets]
@@ -244,6 +247,8 @@ class TokenCollector:
             return rows[idx // n_pos, idx % n_pos].to(device=self.device, dtype=torch.float32)
 
         target.reservoir.offer(keys.flatten(), take)
+        if self.on_final is not None and self.batch_index == self.on_final[0]:
+            self.on_final[1](target)
         self.seen += 1
         if self.seen == len(self.targets):
             raise _StopForward

@@ -27,6 +27,9 @@ from .write import write_prompts
 DEFAULT_MAX_TOKENS_PER_LAYER = 65536
 # The first prompted layer's token source; docs/spt.md, "Tokens", gives the measurements behind the choice.
 DEFAULT_FIRST_LAYER_TOKENS = "embeddings"
+# Overlapped, layer-parallel K-means (`_PrototypeScheduler`); False runs the layers one after the other after the pass
+# (benchmarks/prototypes.py compares both).
+PARALLEL_PROTOTYPES = True
 
 
 def initialize_prompts(
@@ -112,15 +115,20 @@ def initialize_prompts(
     started = time.perf_counter()
     patch_embedding = find_patch_embedding(model, targets[0]) if first_layer_tokens == "patch_embeddings" else None
     collector = TokenCollector(targets, strategy, num_prompts, seed, device, plan.by_dataset_index, patch_embedding)
-    num_images = collect_tokens(model, collector, plan, comm, _pixel_dtype(model), forward_kwargs,
-                                desc=f"SPT {strategy} prototypes")
-    if num_images == 0:
-        raise ValueError(
-            "The dataloader yielded no images: SPT needs images from the target data. Pass a non-empty dataloader."
-        )
-    collected = time.perf_counter()
-
-    results = [layer_prototypes(t, strategy, num_prompts, capacity, comm, seed, num_images) for t in targets]
+    with _PrototypeScheduler(strategy, num_prompts, capacity, comm, seed, device) as scheduler:
+        if scheduler.overlaps(plan):
+            # This rank's (= all) images: those of the batches before, and the last batch's.
+            collector.on_final = (plan.total - 1,
+                                  lambda t: scheduler.submit(t, collector.images + len(collector.indices)))
+        num_images = collect_tokens(model, collector, plan, comm, _pixel_dtype(model), forward_kwargs,
+                                    desc=f"SPT {strategy} prototypes")
+        if num_images == 0:
+            raise ValueError(
+                "The dataloader yielded no images: SPT needs images from the target data. Pass a non-empty "
+                "dataloader."
+            )
+        collected = time.perf_counter()
+        results = scheduler.results(targets, num_images)
     prototypes, layer_stats = [p for p, _ in results], [s for _, s in results]
     write_prompts(adapter, config.projection_dim, targets, prototypes, comm)
     config.spt_init = _provenance(strategy, seed, num_images, layer_stats, max_tokens_per_layer, plan.total, comm)
@@ -133,6 +141,61 @@ def initialize_prompts(
         "layers": layer_stats,
         "seconds": {"collect": collected - started, "prototypes": time.perf_counter() - collected},
     }
+
+
+class _PrototypeScheduler:
+    """Runs each layer's prototypes (`layer_prototypes`) as early and as parallel as exactness allows.
+
+    One process on CPU with K-means: a pool of worker threads, one per intra-op thread torch has (each K-means runs
+    on one thread, see `clustering`), takes the layers. With a map-style plan the last batch is known, and a layer's
+    tokens are final as soon as that batch has passed it: its K-means starts then, while the forward of the last
+    batch goes on through the later layers; the other layers queue behind. Prototypes are the same as one after the
+    other (each layer's computation is untouched; only its start time and thread differ). Distributed runs keep the
+    sequential order: every K-means step is a collective, and ranks must issue collectives in the same order.
+    docs/spt.md, "Cost", has the measurements.
+    """
+
+    def __init__(self, strategy, num_prompts, capacity, comm: Comm, seed, device) -> None:
+        self.args = (strategy, num_prompts, capacity, comm, seed)
+        self.threads = torch.get_num_threads()
+        parallel = (PARALLEL_PROTOTYPES and strategy == "kmeans" and comm.world == 1
+                    and torch.device(device).type == "cpu")
+        self.workers = max(1, self.threads) if parallel else 0
+        self.pool = None
+        self.futures: dict[int, object] = {}
+        self.num_images: Optional[int] = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spt-kmeans")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            for future in self.futures.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            torch.set_num_threads(self.threads)  # workers set their own; keep the caller's setting
+
+    def overlaps(self, plan) -> bool:
+        return self.pool is not None and plan.by_dataset_index and plan.total is not None and plan.total > 0
+
+    def _run(self, target, num_images):
+        return layer_prototypes(target, *self.args, num_images)
+
+    def submit(self, target, num_images: int) -> None:
+        """The target's tokens are final: start its prototypes."""
+        self.futures[id(target)] = self.pool.submit(self._run, target, num_images)
+
+    def results(self, targets, num_images: int) -> list:
+        if self.pool is None:
+            return [self._run(t, num_images) for t in targets]
+        for t in targets:
+            if id(t) not in self.futures:
+                self.futures[id(t)] = self.pool.submit(self._run, t, num_images)
+        return [self.futures[id(t)].result() for t in targets]
 
 
 def _validate(strategy, max_tokens_per_layer, num_batches, forward_kwargs) -> dict:

@@ -257,7 +257,7 @@ def _assert_same_adapter(output: Path, reference: dict) -> None:
     got = _adapter(output)
     assert got.keys() == reference.keys()
     for key in reference:
-        np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, atol=1e-5, err_msg=f"{output.name}: {key}")
 
 
 def _parallel(*calls):

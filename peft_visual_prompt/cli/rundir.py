@@ -75,9 +75,12 @@ def last_complete_checkpoint(directory: Path) -> Optional[Path]:
     return next((p for p in checkpoints(directory) if is_complete(p)), None)
 
 
-def remove_incomplete_checkpoints(directory: Path) -> None:
+def remove_incomplete_checkpoints(directory: Path, after: Optional[str]) -> None:
+    """Incomplete checkpoints past the one resumed from (all of them when starting afresh): the Trainer would
+    write into them again. The resumed checkpoint itself, and earlier ones, are left alone."""
+    start = int(_CHECKPOINT.match(Path(after).name).group(1)) if after and _CHECKPOINT.match(Path(after).name) else -1
     for p in checkpoints(directory):
-        if not is_complete(p):
+        if int(_CHECKPOINT.match(p.name).group(1)) > start and not is_complete(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -129,9 +132,6 @@ class Plan:
     staged: bool  # work_dir is renamed onto target when the run has finished
     start_over: bool  # work_dir holds nothing worth keeping: empty it first
 
-    def describe_resume(self) -> str:
-        return f"{self.work_dir / Path(self.resume).name}" if self.resume else ""
-
 
 def staging_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.staging"
@@ -152,7 +152,7 @@ def check_writable(target: Path) -> None:
         raise CLIError(f"--output_dir {target}: {probe} is a file; pass a directory path.")
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
-        if target.is_dir() and target != probe.parent:
+        if probe == target:  # an --overwrite_output_dir run is staged next to it
             shutil.rmtree(tempfile.mkdtemp(prefix=f".{target.name}.write-test-", dir=target.parent))
     except OSError as e:
         raise CLIError(f"Cannot write to --output_dir {target} ({e.strerror or type(e).__name__} in {probe}); pass a "
@@ -232,7 +232,7 @@ def prepare(plan: Plan, run: dict) -> None:
     if plan.start_over and plan.work_dir.exists():
         shutil.rmtree(plan.work_dir)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
-    remove_incomplete_checkpoints(plan.work_dir)
+    remove_incomplete_checkpoints(plan.work_dir, plan.resume)
     if (plan.work_dir / FINISHED_FILE).exists():  # resuming a finished run: it is unfinished again until the end
         (plan.work_dir / FINISHED_FILE).unlink()
     write_json(plan.work_dir / RUN_FILE, run)

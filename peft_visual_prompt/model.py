@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
+from transformers import PreTrainedModel
 
 from .backbones import (
     FAMILIES,
@@ -119,6 +121,9 @@ class VisualPromptModel(BaseTuner):
         family = family_for(self.get_model_config(model).get("model_type"))
         if family is not None and family.attach is not None:
             family.attach(model)
+        if isinstance(model, PreTrainedModel):
+            # PeftModel calls this when gradient checkpointing is on; see `enable_input_require_grads` below.
+            model.enable_input_require_grads = types.MethodType(enable_input_require_grads, model)
         self._record_trainable_parameters(model, self.peft_config[adapter_name], adapter_name)
 
     def _record_trainable_parameters(self, model: nn.Module, config: VisualPromptConfig, adapter_name: str) -> None:
@@ -183,6 +188,7 @@ class VisualPromptModel(BaseTuner):
             if isinstance(module, ModulesToSaveWrapper):
                 parent, _, name = _get_submodules(self.model, key)
                 setattr(parent, name, module.original_module)
+        self.model.__dict__.pop("enable_input_require_grads", None)
         return super().unload()
 
     def merge_and_unload(self, *args, **kwargs):
@@ -194,6 +200,23 @@ class VisualPromptModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Prompts are created in the base layer's dtype and cast to the activations' dtype in forward.
         return None
+
+
+def enable_input_require_grads(self) -> None:
+    """transformers' `PreTrainedModel.enable_input_require_grads`, for input embeddings that return a tuple.
+
+    With gradient checkpointing on, `PeftModel` asks the model to make its input embeddings' output require grad.
+    transformers' hook calls `output.requires_grad_()`, which fails on models whose patch embeddings return
+    `(embeddings, dimensions)` (Swin, BEiT, Data2Vec-Vision). The tuner installs this version on the model instance
+    (`unload` removes it); it marks the first element of a tuple, and keeps transformers' bookkeeping, so
+    `disable_input_require_grads` still works.
+    """
+
+    def make_inputs_require_grads(module, args, output):
+        (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
+
+    self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)]
+    self._require_grads_hook = self._require_grads_hooks[0]
 
 
 def _unsupported_message(model_type: Optional[str]) -> str:

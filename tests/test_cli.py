@@ -420,3 +420,17 @@ def test_push_to_hub_then_predict_and_evaluate_from_the_hub(workdir, tiny_model,
 def test_unknown_hub_adapter(workdir, hub_server, capsys):
     line = _error(capsys, ["predict", "--adapter", "org/no-such-adapter", str(workdir)])
     assert "org/no-such-adapter" in line
+
+
+def test_predict_and_evaluate_parse_through_hf_argument_parser():
+    from peft_visual_prompt.cli.args import AdapterArguments, EvaluateArguments, PredictArguments, parse
+    from peft_visual_prompt.cli.predict import IMAGES
+
+    adapter, args, images = parse((AdapterArguments, PredictArguments),
+                                  ["--adapter", "A", "--json", "img.png", "folder/", "--top_k", "2"], "p", "",
+                                  positional=IMAGES)
+    assert adapter.adapter == "A" and args.json and args.top_k == 2 and images == ["img.png", "folder/"]
+    adapter, evaluate = parse((AdapterArguments, EvaluateArguments), ["--adapter", "A"], "e", "")
+    assert evaluate.split == "test" and evaluate.on_corrupt_image == "error" and adapter.batch_size == 64
+    with pytest.raises(SystemExit):
+        parse((AdapterArguments, PredictArguments), ["--adapter", "A"], "p", "", positional=IMAGES)  # no images

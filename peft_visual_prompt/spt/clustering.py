@@ -22,7 +22,7 @@ from .comm import Comm
 # K-means defaults: sklearn's `KMeans` defaults for the stopping rule, so inertias compare like for like.
 KMEANS_MAX_ITER = 300
 KMEANS_TOL = 1e-4
-KMEANS_N_INIT = 3  # restarts of seeding + Lloyd on the (small) seeding sample; the full data is clustered once
+KMEANS_N_INIT = 3  # k-means++ seedings of the sample, the best (lowest potential) refined; the full data once
 KMEANS_SEEDING_SAMPLE: Optional[int] = None  # points seeding uses; None: max(4096, 256 k), capped by the data
 # Rows per block: blocks of about 1M values (4 MiB of float32, cache-friendly) bound the temporaries, and keep the
 # number of torch calls per Lloyd step small for narrow tokens.
@@ -58,8 +58,8 @@ def kmeans(
 
     Seeding: greedy k-means++ (sklearn's variant, 2 + ln k candidates per step) on a seeding sample of
     `sample_size` points (default `KMEANS_SEEDING_SAMPLE`, or max(4096, 256 k) when that is None; the whole set when
-    smaller), followed by Lloyd on that sample; the best of `n_init` such runs (lowest sample inertia) starts Lloyd
-    on the full data. On CPU it runs on one intra-op thread (`torch.set_num_threads(1)`, restored after): the steps
+    smaller), `n_init` times; the seeding with the lowest potential (sample inertia of its seeds) is refined by Lloyd
+    on that sample, and the result starts Lloyd on the full data. On CPU it runs on one intra-op thread (`torch.set_num_threads(1)`, restored after): the steps
     are memory-bound, and short multi-threaded kernels stall badly on a machine other processes keep busy. Stopping:
     sklearn's rule, i.e. labels unchanged, or squared centre shift <= tol x mean per-feature variance, or `max_iter`.
     An empty cluster is re-seeded with the point farthest from its centroid (ties broken by smaller key), which
@@ -128,16 +128,20 @@ def _cluster(x, k, sample, keys, comm: Comm, n_total, *, seed, max_iter, tol, n_
     sample_x2, _ = _squared_norms(sample, torch.zeros(d, device=device), chunk_size)
     zero = torch.zeros(d, dtype=torch.float64, device=device)
 
-    best = None
+    # The best of `n_init` k-means++ seedings (lowest potential, i.e. sample inertia of the seeds), then Lloyd on the
+    # sample, then on all points. Choosing among seedings by their potential instead of running Lloyd from each
+    # costs one Lloyd run on the sample instead of n_init (docs/spt.md, "K-means").
     gen = torch.Generator().manual_seed(int(seed))
+    init, potential = None, None
     for _ in range(max(1, n_init)):
-        init = _kmeans_plusplus(sample, k, gen)
-        centers, inertia, iters, _, _ = _lloyd(
-            sample, sample_x2, init, mu=zero, comm=Comm(None), max_iter=max_iter, tol_abs=tol_abs,
-            chunk_size=chunk_size, keys=torch.arange(sample.shape[0], device=device),
-        )
-        if best is None or inertia < best[1]:
-            best = (centers, inertia, iters)
+        candidate, candidate_potential = _kmeans_plusplus(sample, k, gen)
+        if potential is None or candidate_potential < potential:
+            init, potential = candidate, candidate_potential
+    centers, inertia, iters, _, _ = _lloyd(
+        sample, sample_x2, init, mu=zero, comm=Comm(None), max_iter=max_iter, tol_abs=tol_abs,
+        chunk_size=chunk_size, keys=torch.arange(sample.shape[0], device=device),
+    )
+    best = (centers, inertia, iters)
     centers, inertia, iters, converged, reseeded = _lloyd(
         x, x2, best[0], mu=mu, comm=comm, max_iter=max_iter, tol_abs=tol_abs, chunk_size=chunk_size, keys=keys,
     )
@@ -163,7 +167,8 @@ def _one_cpu_thread(device: torch.device):
 
 def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ (Arthur & Vassilvitskii; sklearn's `_kmeans_plusplus`) on centred float32 points.
-    Random numbers come from a CPU generator, so the result does not depend on the device. Returns float64."""
+    Random numbers come from a CPU generator, so the result does not depend on the device. Returns the centres
+    (float64) and their potential (the sum of squared distances of the points to their nearest centre, a float)."""
     n, device = x.shape[0], x.device
     trials = 2 + int(math.log(k))
     x2 = (x * x).sum(1)
@@ -181,7 +186,7 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Ten
         best = int(torch.argmin(potentials).item())
         closest, potential = dist[best], potentials[best]
         centers[c] = x[candidates[best]].double()
-    return centers
+    return centers, float(potential)
 
 
 def _squared_norms(x: torch.Tensor, origin: torch.Tensor, chunk_size: int):

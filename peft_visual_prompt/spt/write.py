@@ -55,6 +55,10 @@ def exact_projection(stacked: torch.Tensor, projection_dim: int, width: int, num
             "prompted layers, or projection_dim=None."
         )
     basis = vh[:rank].T  # (width, rank), orthonormal columns
+    # A singular vector's sign is arbitrary, and float rounding in the prototypes (1e-7: k-means sums reduced in
+    # another order on several ranks) can flip it. Fix it (sklearn's svd_flip): each column's largest entry positive.
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    basis = basis * torch.where(signs == 0, torch.ones_like(signs), signs)
     weight = torch.zeros(width, projection_dim, dtype=torch.float64)
     weight[:, :rank] = basis
     coords = torch.zeros(m.shape[0], projection_dim, dtype=torch.float64)

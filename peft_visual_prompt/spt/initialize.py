@@ -60,8 +60,10 @@ def initialize_prompts(
               windows (`torch.tensor_split`: the first N mod P windows hold ceil(N/P) tokens, the rest floor(N/P)),
               each mean- or max-pooled feature by feature; the prompts are P of these pooled vectors drawn uniformly
               without replacement over all images (the P smallest priority keys), in key order. This follows the
-              authors' code, which pools windows per image then samples P pooled vectors (it uses P-1 windows of
-              N // (P-1) tokens plus a remainder window).
+              authors' code, which pools windows per image then samples P pooled vectors, but with P near-equal
+              windows covering all tokens where it uses P-1 windows of N // (P-1) tokens plus a remainder window
+              (the whole sequence when the remainder is 0) and the paper floor(N·B/P)-token windows over a batch
+              (docs/spt.md, "Mean and max pooling windows").
             - `"random"`: P tokens drawn uniformly without replacement from all tokens the layer received.
         accelerator: An `accelerate.Accelerator` to shard the pass over processes and to run K-means on its device.
             None: one process, K-means on the model's device. Under `torchrun` pass it, or every rank computes

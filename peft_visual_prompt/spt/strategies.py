@@ -15,8 +15,15 @@ from .comm import Comm
 
 
 def pool_windows(tokens: torch.Tensor, num_windows: int, strategy: str) -> torch.Tensor:
-    """(B, N, C) -> (B, P, C): mean or max over P contiguous windows of the N tokens (torch.tensor_split sizes:
-    the first N mod P windows have ceil(N/P) tokens, the others floor(N/P))."""
+    """(B, N, C) -> (B, P, C): mean or max over P contiguous windows of each image's N tokens (torch.tensor_split
+    sizes: the first N mod P windows have ceil(N/P) tokens, the others floor(N/P); e.g. N = 10, P = 4: [0, 3), [3, 6),
+    [6, 8), [8, 10)).
+
+    SPT's paper pools non-overlapping windows of floor(N_e·B / N_p) tokens over a random batch's tokens (dropping the
+    remainder); its official code cuts each image into P-1 windows of N // (P-1) tokens plus one window of the
+    N mod (P-1) remaining tokens (the whole sequence when that is 0). These windows keep the paper's equal,
+    non-overlapping windows and the code's per-image cut, and drop no token (docs/spt.md, "Mean and max pooling
+    windows")."""
     windows = torch.tensor_split(tokens, num_windows, dim=1)
     if strategy == "mean":
         return torch.stack([w.mean(1) for w in windows], dim=1)

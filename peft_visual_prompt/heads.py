@@ -9,21 +9,25 @@ from transformers.backbone_utils import BackboneMixin
 
 
 def find_heads(model: nn.Module) -> list[str]:
-    """Names of the modules a task model puts on top of its backbone: every direct child of a transformers model
-    other than its base model (`model.base_model`, the `base_model_prefix` child) that has parameters.
+    """Names of the modules a task model puts on top of its backbone, found from the model, not from a list of names
+    per class, so new task classes are covered too.
 
-    `ViTForImageClassification` gives `["classifier"]`, `DeiTForImageClassificationWithTeacher`
-    `["cls_classifier", "distillation_classifier"]`; a bare model (whose `base_model` is itself) gives `[]`, and so
-    does a `*Backbone`: what it adds to its base model (e.g. `SwinBackbone.hidden_states_norms`) are pretrained parts
-    of its feature maps, not a task head. Found from the model, not from a list of names per class, so new task classes are covered too.
+    A task model is transformers' `<Model>For<Task>` (`ViTForImageClassification`, `...ForMaskedImageModeling`); its
+    heads are its children with parameters other than its base model. The base model is `model.base_model` (the
+    `base_model_prefix` child) or, for classes whose prefix names no child of theirs (`CLIPForImageClassification`
+    holds `vision_model`), the child with the most parameters. `DeiTForImageClassificationWithTeacher` gives
+    `["cls_classifier", "distillation_classifier"]`. Everything else has no new head: a bare model, a `*Backbone`
+    (what it adds, e.g. `SwinBackbone.hidden_states_norms`, are pretrained parts of its feature maps), and
+    `*WithProjection` models, whose projection is pretrained, not a task head.
     """
-    base = getattr(model, "base_model", model)
-    if base is model or isinstance(model, BackboneMixin):
+    if isinstance(model, BackboneMixin) or "For" not in type(model).__name__:
         return []
-    return [
-        name for name, child in model.named_children()
-        if child is not base and any(True for _ in child.parameters())
-    ]
+    children = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+    base = getattr(model, "base_model", model)
+    if base is model:
+        base = max((child for _, child in children), key=lambda c: sum(p.numel() for p in c.parameters()),
+                   default=None)
+    return [name for name, child in children if child is not base]
 
 
 def fit_heads_to_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict) -> None:

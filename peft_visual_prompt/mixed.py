@@ -41,6 +41,14 @@ def plan_mixed_batch(tuner, adapter_names, batch_size: int) -> MixedBatch:
     device = next(tuner.model.parameters()).device
     max_count = max(counts, default=0)
     uniform = all(c == max_count for c in row_counts)
+    if not uniform and any(
+        isinstance(m, VisualPromptLayer) and not m.masks_padded_prompts for m in tuner.model.modules()
+    ):
+        layer = next(m for m in tuner.model.modules() if isinstance(m, VisualPromptLayer))
+        raise ValueError(
+            f"{type(layer.base_layer).__name__} takes no attention mask, so its mixed batches cannot pad prompts: "
+            "use adapters with one prompt count and no '__base__' rows in a batch, or run them in separate batches."
+        )
     if not uniform and any(tuner.peft_config[a].include_prompts_in_pooling for a in adapters):
         raise ValueError(
             "include_prompts_in_pooling averages every prompt into the pool, so its rows cannot share a batch with "

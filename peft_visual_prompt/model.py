@@ -215,8 +215,20 @@ def enable_input_require_grads(self) -> None:
     def make_inputs_require_grads(module, args, output):
         (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
 
-    self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)]
-    self._require_grads_hook = self._require_grads_hooks[0]
+    hooks, seen = [], set()
+    for module in self.modules():  # as transformers does: every sub-model that exposes input embeddings
+        if not isinstance(module, PreTrainedModel):
+            continue
+        try:
+            embeddings = module.get_input_embeddings()
+        except NotImplementedError:  # e.g. CLIPForImageClassification itself; its vision model has them
+            continue
+        if embeddings is not None and id(embeddings) not in seen:
+            seen.add(id(embeddings))
+            hooks.append(embeddings.register_forward_hook(make_inputs_require_grads))
+    self._require_grads_hooks = hooks
+    if hooks:
+        self._require_grads_hook = hooks[0]
 
 
 def _unsupported_message(model_type: Optional[str]) -> str:

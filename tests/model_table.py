@@ -126,6 +126,7 @@ class Row:
     heads: tuple[str, ...]  # head modules that must train (and be saved) with the prompts
     reference: Callable  # references.py: (base, pixel_values, {layer: prompts}, deep, num_prefix=) -> dict
     init: Optional[Callable] = field(default=None)  # in-place weight changes after construction
+    mixed_padding: bool = True  # its layers can hide a mixed batch's padded prompts (they take an attention mask)
 
     @property
     def id(self) -> str:
@@ -286,19 +287,15 @@ ROWS += [
     # setting; tests/test_backbones_data2vec_vision.py builds both classes.
     Row(Data2VecVisionModel, Data2VecVisionConfig, dict(**BEIT_SIZE, use_relative_position_bias=True,
                                                         use_shared_relative_position_bias=True),
-        32, 1, _layers("encoder.layer."), ("last_hidden_state",), (), data2vec_vision_reference, init=perturb_beit_),
+        32, 1, _layers("encoder.layer."), ("last_hidden_state",), (), data2vec_vision_reference, init=perturb_beit_,
+        mixed_padding=False),
     Row(Data2VecVisionForImageClassification, Data2VecVisionConfig,
         dict(**BEIT_SIZE, **LABELS, use_relative_position_bias=True), 32, 1,
         _layers("data2vec_vision.encoder.layer."), ("logits",), ("classifier",), data2vec_vision_reference,
-        init=perturb_beit_),
+        init=perturb_beit_, mixed_padding=False),
 ]
 
-# Supported classes whose rows wait for `heads.find_heads` to give their heads (see the issue-13 report): CLIP-like
-# task models name a `base_model_prefix` that is no child of theirs, so no classifier is found; DINOv3ViTModel's
-# `base_model` is its encoder, so its embeddings and final norm are taken for heads; a pretrained `visual_projection`
-# is taken for a new head. The prompted forwards themselves match their references (tests/test_backbones_*.py).
-# Append them to ROWS once find_heads returns `heads` for each.
-ROWS_AWAITING_HEADS: list[Row] = [
+ROWS += [
     _row(CLIPVisionModelWithProjection, CLIPVisionConfig, dict(**VIT_SIZE, projection_dim=16), 1,
          _layers("vision_model.encoder.layers."), ("last_hidden_state", "image_embeds"), (), clip_reference),
     _row(CLIPForImageClassification, CLIPConfig, _two_tower(**LABELS), 1, _layers("vision_model.encoder.layers."),

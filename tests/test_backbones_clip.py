@@ -121,9 +121,6 @@ def test_pre_layernorm_runs_before_the_prompts():
     check_against_reference(base, clip_reference, True, names, 1, _inputs(base))
 
 
-@pytest.mark.xfail(strict=True, reason="heads.py: CLIP-like task models name a base_model_prefix ('clip') that is no "
-                   "child, so find_heads sees no base model and finds no classifier; *WithProjection's pretrained "
-                   "visual_projection is taken for a new head. Proposed fix in the issue-13 report.")
 def test_heads_found_for_clip_classes():
     found = {name: find_heads(build(cls, config())) for name, (cls, config, _) in CASES.items()}
     assert found == {
@@ -147,10 +144,6 @@ def test_spt_runs_on_a_two_tower_model():
     check_spt(base, batches, True, forward_kwargs={"input_ids": INPUT_IDS})
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="model.py's enable_input_require_grads calls the model's own get_input_embeddings, which these "
-                   "classes do not implement (transformers' version walks the sub-models and finds the vision tower's). "
-                   "Proposed fix in the issue-13 report.")
 @pytest.mark.parametrize("name", ["CLIPForImageClassification", "CLIPModel"])
 def test_gradient_checkpointing_enabled_before_wrapping(name):
     """These classes' own `get_input_embeddings` raises NotImplementedError (their vision tower has one): gradient

@@ -65,9 +65,6 @@ def test_prompts_carry_no_position(deep):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="heads.py: DINOv3ViTModel's base_model_prefix is 'model', its encoder, so "
-                   "find_heads takes its embeddings and final norm for task heads (get_peft_model then fails in "
-                   "PEFT's modules_to_save). Proposed fix in the issue-13 report.")
 def test_heads_found_for_dinov3():
     assert find_heads(build(DINOv3ViTModel, _config(2))) == []
 

@@ -123,8 +123,6 @@ def test_two_tower_model_leaves_the_text_tower_alone():
     torch.testing.assert_close(got.text_embeds, base.text_embeds, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="heads.py: SigLIP task models name a base_model_prefix ('siglip') that is no "
-                   "child, so find_heads finds no classifier. Proposed fix in the issue-13 report.")
 def test_heads_found_for_siglip_classes():
     found = {name: find_heads(build(cls, config())) for name, (cls, config, *_) in CASES.items()}
     assert found == {"SiglipVisionModel": [], "SiglipForImageClassification": ["classifier"], "SiglipModel": [],

@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import BackboneFamily, strip_tokens
-from .vit import ViTPromptLayer, _captured_hidden_states, pad_attention_mask
+from .base import BackboneFamily
+from .vit import ViTPromptLayer, pad_attention_mask
 
 TARGET_MODULES = {"beit": r"(.*\.)?layers\.\d+"}
 
@@ -55,6 +55,13 @@ def _pad_bias_hook(module, args, kwargs, output, *, start: int):
     return zero_pad(output, start, int(dim_size) - output.shape[-1])
 
 
+def _layer_options(args: tuple, kwargs: dict):
+    """(interpolate_pos_encoding, resolution) of a `BeitLayer` call, given positionally or by keyword."""
+    interpolate = kwargs.get("interpolate_pos_encoding", args[0] if args else False)
+    resolution = kwargs.get("resolution", args[1] if len(args) > 1 else None)
+    return interpolate, resolution
+
+
 def _is_pad_hook(hook) -> bool:
     return isinstance(hook, functools.partial) and hook.func is _pad_bias_hook
 
@@ -69,43 +76,14 @@ class BeitPromptLayer(ViTPromptLayer):
         if bias is not None and not any(_is_pad_hook(h) for h in bias._forward_hooks.values()):
             bias.register_forward_hook(functools.partial(_pad_bias_hook, start=num_prefix_tokens), with_kwargs=True)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                interpolate_pos_encoding: bool = False, resolution=None, **kwargs):
-        adapter = self.active_prompt_adapter()
-        if adapter is None:
-            return self.base_layer(hidden_states, attention_mask, interpolate_pos_encoding=interpolate_pos_encoding,
-                                   resolution=resolution, **kwargs)
-
-        slot = self.prompt_slot[adapter]
-        start, end = self.num_prefix_tokens, self.num_prefix_tokens + slot.num_tokens
-        length = hidden_states.shape[1] - (0 if slot.is_first else slot.num_tokens)  # unprompted tokens
-        if slot.owns_prompts:
-            prompts = self.prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
-            patches = hidden_states[:, start:] if slot.is_first else hidden_states[:, end:]
-            hidden_states = torch.cat([hidden_states[:, :start], prompts, patches], dim=1)
-        if attention_mask is not None:
-            attention_mask = self._pad_mask(attention_mask, length, start, slot.num_tokens, resolution,
-                                            interpolate_pos_encoding)
-
-        captured = _captured_hidden_states()
-        num_captured = len(captured) if captured is not None else 0
-        output = self.base_layer(hidden_states, attention_mask, interpolate_pos_encoding=False, resolution=resolution,
-                                 **kwargs)
-        if captured is not None:
-            for i in range(num_captured, len(captured)):
-                if captured[i] is not None:
-                    captured[i] = strip_tokens(captured[i], start, end)
-        if slot.is_last:
-            output = strip_tokens(output, start, end)
-        return output
-
-    def _pad_mask(self, mask: torch.Tensor, length: int, start: int, num_prompts: int, resolution,
-                  interpolate_pos_encoding: bool) -> torch.Tensor:
+    def pad_mask(self, mask: torch.Tensor, length: int, start: int, num_prompts: int, args: tuple,
+                 kwargs: dict) -> torch.Tensor:
         """The model's mask (shared bias + user mask) for the prompted sequence: the shared bias zero-padded, the user
         mask padded as for ViT."""
         shared_module = self._shared_bias
         if shared_module is None or mask.dtype == torch.bool:
             return pad_attention_mask(mask, start, num_prompts)
+        interpolate_pos_encoding, resolution = _layer_options(args, kwargs)
         patch = self.base_layer.patch_size
         patch = patch[0] if isinstance(patch, (list, tuple)) else patch
         window = (resolution[0] // patch, resolution[1] // patch)
@@ -113,6 +91,13 @@ class BeitPromptLayer(ViTPromptLayer):
         shared = shared_module(window, interpolate_pos_encoding=interpolate_pos_encoding, dim_size=length)
         user = mask - shared
         return pad_attention_mask(user, start, num_prompts) + zero_pad(shared, start, num_prompts)
+
+    def call_base(self, hidden_states: torch.Tensor, attention_mask, args: tuple, kwargs: dict):
+        # The layer's own bias is padded by the hook; its final resize to the prompted length must stay off.
+        _, resolution = _layer_options(args, kwargs)
+        rest = {k: v for k, v in kwargs.items() if k not in ("interpolate_pos_encoding", "resolution")}
+        return self.base_layer(hidden_states, attention_mask, interpolate_pos_encoding=False, resolution=resolution,
+                               **rest)
 
     def unload_and_optionally_merge_module(self, merge: bool = False, safe_merge: bool = False,
                                            adapter_names: Optional[list[str]] = None) -> nn.Module:

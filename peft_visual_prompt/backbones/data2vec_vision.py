@@ -21,7 +21,7 @@ from torch import nn
 
 from .base import BackboneFamily, strip_tokens
 from .beit import zero_pad
-from ..layer import VisualPromptLayer
+from ..layer import MixedBatch, VisualPromptLayer
 
 TARGET_MODULES = {"data2vec-vision": r"(.*\.)?encoder\.layer\.\d+"}
 PREFIX = 1  # the CLS token
@@ -94,20 +94,22 @@ class Data2VecVisionPromptLayer(VisualPromptLayer):
         self.__dict__["_encoder"] = None  # set by `attach_data2vec` (unregistered: it belongs to the base model)
         _add_hooks(getattr(base_layer.attention.attention, "relative_position_bias", None))
 
+    # Its layers take no attention mask, so a mixed batch's padded prompt positions could not be hidden.
+    masks_padded_prompts = False
+
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
                 relative_position_bias: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
-                resolution=None):
-        adapter = self.active_prompt_adapter()
-        if adapter is None:
+                resolution=None, visual_prompt_batch: Optional[MixedBatch] = None):
+        prompts = self.layer_prompts(hidden_states.shape[0], visual_prompt_batch)
+        if prompts is None:
             return self.base_layer(hidden_states, output_attentions=output_attentions,
                                    relative_position_bias=relative_position_bias,
                                    interpolate_pos_encoding=interpolate_pos_encoding, resolution=resolution)
-        slot = self.prompt_slot[adapter]
-        start, end = self.num_prefix_tokens, self.num_prefix_tokens + slot.num_tokens
+        slot = prompts.slot
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + prompts.num_tokens
         if slot.owns_prompts:
-            prompts = self.prompts(adapter, hidden_states.shape[0], hidden_states.dtype)
             patches = hidden_states[:, start:] if slot.is_first else hidden_states[:, end:]
-            hidden_states = torch.cat([hidden_states[:, :start], prompts, patches], dim=1)
+            hidden_states = torch.cat([hidden_states[:, :start], prompts.make(hidden_states.dtype), patches], dim=1)
         if relative_position_bias is not None and relative_position_bias.shape[-1] < hidden_states.shape[1]:
             relative_position_bias = zero_pad(relative_position_bias, start,
                                               hidden_states.shape[1] - relative_position_bias.shape[-1])

@@ -72,18 +72,19 @@ class ViTPromptLayer(VisualPromptLayer):
 
         slot = prompts.slot
         start, end = self.num_prefix_tokens, self.num_prefix_tokens + prompts.num_tokens
+        length = hidden_states.shape[1] - (0 if slot.is_first else prompts.num_tokens)  # tokens besides prompts
         if slot.owns_prompts:
             # One concatenation: insert (first layer) or replace the previous layer's prompt outputs (deep).
             patches = hidden_states[:, start:] if slot.is_first else hidden_states[:, end:]
             hidden_states = torch.cat([hidden_states[:, :start], prompts.make(hidden_states.dtype), patches], dim=1)
         if attention_mask is not None:
-            attention_mask = pad_attention_mask(attention_mask, start, prompts.num_tokens)
+            attention_mask = self.pad_mask(attention_mask, length, start, prompts.num_tokens, args, kwargs)
         if prompts.valid is not None:  # a mixed batch with padded prompt positions: no query may attend to them
             attention_mask = mask_prompt_keys(attention_mask, prompts.valid, start, hidden_states)
 
         captured = _captured_hidden_states()
         num_captured = len(captured) if captured is not None else 0
-        output = self.base_layer(hidden_states, attention_mask, *args, **kwargs)
+        output = self.call_base(hidden_states, attention_mask, args, kwargs)
         if captured is not None:
             # `output_hidden_states` hooks sit on the wrapped layer and saw the prompted sequence. Strip what they
             # recorded during this call, so hidden states keep the base layout (dense heads reshape them to a grid).
@@ -93,6 +94,16 @@ class ViTPromptLayer(VisualPromptLayer):
         if slot.is_last:
             output = strip_tokens(output, start, end)
         return output
+
+    def pad_mask(self, mask: torch.Tensor, length: int, start: int, num_prompts: int, args: tuple,
+                 kwargs: dict) -> torch.Tensor:
+        """The layer's 4D attention mask, built for `length` tokens, padded for the prompt positions. Families whose
+        mask carries more than visibility (BEiT's shared position bias) override this."""
+        return pad_attention_mask(mask, start, num_prompts)
+
+    def call_base(self, hidden_states: torch.Tensor, attention_mask, args: tuple, kwargs: dict):
+        """Runs the wrapped layer on the prompted sequence (families that must change an argument override this)."""
+        return self.base_layer(hidden_states, attention_mask, *args, **kwargs)
 
     def patch_tokens(self, hidden_states: torch.Tensor, slot) -> torch.Tensor:
         # Deep layers after the first receive the previous layer's prompt outputs, which they replace.

@@ -29,7 +29,13 @@ D. The pass against a forward. In one process, on the same ViT-B/16 and the same
    forward, max, forward, random, forward, ...) so that load on the machine hits all alike. Each pass is reported as
    a ratio to the mean of the two forwards around it.
 
+E. K-means seeding, former against current, on `cap` real tokens of this model (layer-0 inputs, as in B), k = 10,
+   alternating: the former seeding refined each of the 3 k-means++ seedings by Lloyd on the 4,096-token sample and kept
+   the best; the current one keeps the seeding with the lowest potential and refines only it. Both then run Lloyd on
+   all tokens; inertia is recomputed in float64.
+
 Usage:
+    python benchmarks/prototypes.py --section seeding --reps 2
     python benchmarks/prototypes.py                  # all sections (about 8 minutes on 2 busy cores)
     python benchmarks/prototypes.py --section ratio --images 32 --reps 2
     python benchmarks/prototypes.py --section kmeans --reps 3
@@ -272,6 +278,75 @@ def report_memory(runs: list[dict]) -> None:
     print()
 
 
+# ----------------------------------------------------------------------------------------------- section E
+
+
+def former_kmeans(x: torch.Tensor, k: int, seed: int = 0):
+    """The former `clustering._cluster`: Lloyd on the sample from each of n_init seedings, keep the best."""
+    from peft_visual_prompt.spt import clustering as c
+    from peft_visual_prompt.spt.comm import Comm
+
+    original = c._kmeans_plusplus
+    box = {}
+
+    def plusplus(sample, k_, gen):
+        # Called n_init times by the current code; here: run Lloyd from each seeding and report the Lloyd result's
+        # inertia as the "potential", so that the current selection picks the former best.
+        centers, _ = original(sample, k_, gen)
+        tol = box["tol"]
+        refined, inertia, _, _, _ = c._lloyd(sample, (sample * sample).sum(1), centers,
+                                             mu=torch.zeros(sample.shape[1], dtype=torch.float64), comm=Comm(None),
+                                             max_iter=c.KMEANS_MAX_ITER, tol_abs=tol, chunk_size=4096,
+                                             keys=torch.arange(sample.shape[0]))
+        return refined, inertia
+
+    # tol_abs as `_cluster` computes it (mean per-feature variance of all points)
+    box["tol"] = float(c.KMEANS_TOL * x.double().var(0, unbiased=False).mean())
+    c._kmeans_plusplus = plusplus
+    try:
+        return c.kmeans(x, k, seed=seed)
+    finally:
+        c._kmeans_plusplus = original
+
+
+def bench_seeding(quick: bool, reps: int, k: int = 10, cap: int = 65536) -> dict:
+    from peft_visual_prompt.spt import kmeans
+
+    model = vit(quick)
+    size = model.config.image_size
+    per_image = (size // model.config.patch_size) ** 2
+    cap = cap if not quick else 4096
+    needed = -(-cap // per_image)
+    tokens = []
+    with torch.no_grad():
+        for start in range(0, needed, 64):
+            pixels = torch.stack([image(10_000 + i, size) for i in range(start, min(needed, start + 64))])
+            tokens.append(model.vit.embeddings(pixels)[:, 1:].reshape(-1, model.config.hidden_size))
+    x = torch.cat(tokens)[:cap].contiguous()
+    xn = x.numpy()
+    rows = []
+    for rep in range(reps):
+        for name, fn in (("former", lambda: former_kmeans(x, k)), ("current", lambda: kmeans(x, k))):
+            start = time.perf_counter()
+            result = fn()
+            rows.append({"rep": rep + 1, "seeding": name, "seconds": time.perf_counter() - start,
+                         "iterations": result.n_iter, "inertia": inertia64(xn, result.centroids.numpy())})
+    return {"cap": cap, "rows": rows}
+
+
+def report_seeding(res: dict) -> None:
+    print(f"### E. K-means seeding, former against current, {res['cap']:,} real layer-0 tokens, k = 10\n")
+    print("| rep | seeding | seconds | Lloyd iterations on all tokens | inertia (float64) |")
+    print("|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['rep']} | {r['seeding']} | {r['seconds']:.2f} | {r['iterations']} | {r['inertia']:.6e} |")
+    for name in ("former", "current"):
+        sel = [r for r in res["rows"] if r["seeding"] == name]
+        print(f"- {name}: median {statistics.median(r['seconds'] for r in sel):.2f} s, inertia "
+              f"{statistics.median(r['inertia'] for r in sel):.6e}")
+    print()
+
+
 # ----------------------------------------------------------------------------------------------- section D
 
 
@@ -351,7 +426,7 @@ def report_ratio(res: dict, quick: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio"], default="all")
+    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio", "seeding"], default="all")
     parser.add_argument("--strategies", default="kmeans,mean,max,random",
                         help="section D's strategies; 'kmeans-sequential' runs the layers' K-means one after the "
                              "other after the pass")
@@ -381,6 +456,8 @@ def main() -> None:
     if args.section in ("all", "pass"):
         runs = [run_pass(args.images, deep, 65536, args.quick, args.batch_size) for deep in (True, False)]
         report_pass(runs, kmeans_at_cap(args.quick), args.quick)
+    if args.section in ("all", "seeding"):
+        report_seeding(bench_seeding(args.quick, args.reps))
     if args.section in ("all", "ratio"):
         report_ratio(bench_ratio(args.images, args.batch_size, args.reps, args.quick, args.strategies.split(",")),
                      args.quick)

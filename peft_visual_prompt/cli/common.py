@@ -21,16 +21,12 @@ from typing import Optional
 import transformers
 
 from ..config import SPT_STRATEGIES
+from .args import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN_SAMPLES
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, CLIError  # noqa: F401  (re-exported for the command modules)
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 RUN_FILE = "run_config.json"  # what the CLI needs to reuse an adapter: labels, image size, splits, base model
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class CLIError(Exception):
-    """A mistake the user can fix; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,7 +235,6 @@ def setup(model_args, data_args, method, seed: int, main_process_first=None) -> 
     with guard("model"):  # the main process converts/downloads first, the others read its cache
         model_path, model_display = resolve_model(model_args.model_name_or_path)
         processor = load_processor(model_path, model_args.model_revision, model_args.cache_dir)
-    from .args import DEFAULT_IMAGE_SIZE
     from .data import TEXTILE_DATASET_NAME, processor_image_size
 
     image_size = data_args.image_size or (DEFAULT_IMAGE_SIZE if model_args.model_name_or_path is None
@@ -272,7 +267,6 @@ def _peft_config(method):
 
 def _load_splits(model_args, data_args, seed: int, guard):
     """(train/validation/test DatasetDict with corrupt images handled, label names, max_train_samples used)."""
-    from .args import DEFAULT_MAX_TRAIN_SAMPLES
     from .data import check_columns, drop_corrupt_images, label_names, load_image_dataset, split_dataset
 
     with guard("dataset"):

@@ -59,8 +59,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[0] not in _COMMANDS:
         print(f"error: unknown command {argv[0]!r}; use one of {', '.join(_COMMANDS)}.", file=sys.stderr)
         return EXIT_USAGE
-    from .data import DataError
-
+    try:
+        from .data import DataError
+    except ModuleNotFoundError as e:  # installed without the application's extra
+        print(f"error: the peft-visual-prompt application needs {e.name!r}: pip install 'peft-visual-prompt[cli]'.",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _command(argv[0])(argv[1:])
     except (CLIError, DataError) as e:

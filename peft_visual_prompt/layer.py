@@ -116,9 +116,9 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("visual_prompt_embeddings", "visual_prompt_projection")
+    other_param_names = ("prompt_slot", "prompt_dropout", "shared_projection", "pool_prompts")
     # Whether the family can hide a mixed batch's padded prompt positions (different counts, "__base__" rows).
     masks_padded_prompts = True
-    other_param_names = ("prompt_slot", "prompt_dropout", "shared_projection")
 
     def __init__(self, base_layer: nn.Module, num_prefix_tokens: int) -> None:
         super().__init__()

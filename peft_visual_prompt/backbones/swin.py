@@ -54,7 +54,6 @@ class SwinPromptLayer(VisualPromptLayer):
     """Wraps a `SwinLayer`, whose forward is `(hidden_states, input_dimensions, always_partition=False, **kwargs)` and
     returns `(hidden_states, attn_weights)`. See the module docstring for the design."""
 
-    other_param_names = VisualPromptLayer.other_param_names + ("pool_prompts",)
 
     def __init__(self, base_layer: nn.Module, num_prefix_tokens: int = 0) -> None:
         if not isinstance(base_layer, SwinLayer):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from . import beit, clip, data2vec_vision, dinov3, ijepa, siglip, swin, vit, vit_mae, vit_msn
-from .base import BackboneFamily, config_patch_size
+from .base import BackboneFamily, config_patch_size, square_side
 
 FAMILIES: list[BackboneFamily] = [
     vit.FAMILY, swin.FAMILY, clip.FAMILY, siglip.FAMILY, dinov3.FAMILY, ijepa.FAMILY, vit_msn.FAMILY, vit_mae.FAMILY,
@@ -38,4 +38,4 @@ def supported_model_types() -> list[str]:
 
 
 __all__ = ["BackboneFamily", "FAMILIES", "GENERIC_FAMILY", "UNSUPPORTED_RELATIVES", "config_patch_size", "family_for",
-           "supported_model_types"]
+           "square_side", "supported_model_types"]

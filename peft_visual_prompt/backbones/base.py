@@ -36,10 +36,15 @@ def captured_outputs() -> Optional[dict]:
     return collected or None
 
 
+def square_side(value) -> int:
+    """An int, or the first of an (height, width) pair: transformers configs store image and patch sizes either way."""
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 def config_patch_size(model_config) -> int:
-    """The patch side of a model config (a dict or a PretrainedConfig), whether stored as an int or a pair."""
+    """The patch side of a model config (a dict or a PretrainedConfig)."""
     patch = model_config.get("patch_size", 16) if isinstance(model_config, dict) else model_config.patch_size
-    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    return square_side(patch)
 
 
 def strip_tokens(tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:

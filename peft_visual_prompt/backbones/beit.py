@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import BackboneFamily
+from .base import BackboneFamily, square_side
 from .vit import ViTPromptLayer, pad_attention_mask
 
 TARGET_MODULES = {"beit": r"(.*\.)?layers\.\d+"}
@@ -84,8 +84,7 @@ class BeitPromptLayer(ViTPromptLayer):
         if shared_module is None or mask.dtype == torch.bool:
             return pad_attention_mask(mask, start, num_prompts)
         interpolate_pos_encoding, resolution = _layer_options(args, kwargs)
-        patch = self.base_layer.patch_size
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        patch = square_side(self.base_layer.patch_size)
         window = (resolution[0] // patch, resolution[1] // patch)
         # Recomputed exactly as the model computed it (without prompts in the sequence, so no hook is involved).
         shared = shared_module(window, interpolate_pos_encoding=interpolate_pos_encoding, dim_size=length)

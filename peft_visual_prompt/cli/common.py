@@ -20,6 +20,7 @@ from typing import Optional
 
 import transformers
 
+from ..backbones import square_side
 from ..config import SPT_STRATEGIES
 from .args import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN_SAMPLES
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, CLIError  # noqa: F401  (re-exported for the command modules)
@@ -165,21 +166,17 @@ def load_adapter(base, adapter: str, *, is_trainable: bool, revision: Optional[s
                        f"{lines[-1].strip() if lines else e}; pass the matching --model_name_or_path.") from e
 
 
-def _side(value) -> int:
-    return value if isinstance(value, int) else value[0]
-
-
 def fit_image_size(model, image_size: int) -> None:
     """ViT/DeiT reject inputs away from their native size unless `interpolate_pos_encoding=True` is passed. When the
     run's image size differs, a forward pre-hook on the embeddings passes it on every call (training, SPT, NMI,
     evaluation, prediction). DINOv2 always interpolates its position grid."""
     import inspect
 
-    patch = _side(model.config.patch_size)
+    patch = square_side(model.config.patch_size)
     if image_size % patch:
         raise CLIError(f"--image_size {image_size} is not a multiple of the model's patch size {patch}; "
                        f"use e.g. {max(patch, round(image_size / patch) * patch)}.")
-    if image_size == _side(model.config.image_size):
+    if image_size == square_side(model.config.image_size):
         return
     for module in model.modules():
         if type(module).__name__.endswith("Embeddings") and \
@@ -191,7 +188,7 @@ def fit_image_size(model, image_size: int) -> None:
 def patch_tokens_per_image(config, image_size: int, deep: bool) -> int:
     """Patch tokens (prefix tokens left out) that the prompted layer with the fewest receives, for one image of
     `image_size` pixels: (side / patch)^2 for ViT-like models; Swin halves the side at each later stage."""
-    side = image_size // _side(config.patch_size)
+    side = image_size // square_side(config.patch_size)
     depths = getattr(config, "depths", None)
     if depths and deep:
         side = max(1, side // 2 ** (len(depths) - 1))

@@ -29,12 +29,25 @@ Section A (`vit`): ViT-B/16, 224 px, random weights, `ViTForImageClassification`
 Section B (`swin`): Swin-B (embed 128, depths 2-2-18-2, heads 4-8-16-32, window 7), 224 px, 100 labels: plugin,
   frozen_backprop, head_only, full_ft. There is no hand-written Swin floor: Swin prompting changes the windowed
   attention itself. If the plugin cannot wrap Swin yet, the section prints "skipped: <error>".
+Sections C-F (`clip`, `siglip`, `dinov3`, `beit`), one realistic size per family added after ViT, random weights,
+  224 px, 100 labels: plugin against a hand-written floor (`FamilyFloorVPT`: the same frozen model and extra tokens
+  through a plain loop over the layers, with the family's pre-encoder step, post-processing and head; same trainable
+  parameters, prompts + head). Each section first checks that its floor computes the plugin's logits, loss and
+  gradients (`compare_family_floor_and_plugin`).
+  C  CLIP ViT-B/16, `CLIPForImageClassification` (pre-layernorm before the prompts; mean of the patch tokens).
+  D  SigLIP B/16, `SiglipForImageClassification` (no CLS: prompts first; post-layernorm, attention-pooling head).
+  E  DINOv3 ViT-S/16 with 4 registers, `DINOv3ViTModel` + a Linear head on the CLS pooler (rotary cos/sin of the
+     patch grid passed to every layer; prompts after CLS + registers, unrotated).
+  F  BEiT-B/16, `BeitForImageClassification` with per-layer relative position biases (random tables); the floor
+     builds each layer's bias and zero-pads it at the prompt positions itself.
+Section G (`swinv2`): skipped with its reason: the package has no Swin V2 family.
 
 Usage:
     python benchmarks/overhead.py --section vit                 # the ViT-B numbers (minutes on 2 cores)
     python benchmarks/overhead.py --section all --steps 5 --warmup 2
     python benchmarks/overhead.py --quick                       # tiny models, a smoke run in seconds
     python benchmarks/overhead.py --section vit --profile       # where the time goes, plugin vs floor
+    python benchmarks/overhead.py --section beit --steps 4 --warmup 1   # one family, plugin vs its floor
 """
 
 from __future__ import annotations
@@ -65,7 +78,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import (  # noqa: E402
+    BeitConfig,
+    BeitForImageClassification,
+    CLIPConfig,
+    CLIPForImageClassification,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import peft_visual_prompt  # noqa: E402
 from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer  # noqa: E402
@@ -80,15 +106,35 @@ VARIANT_TITLES = {
     "head_only": "Frozen base, no prompts, head only",
     "full_ft": "Full fine-tuning",
 }
+# The families added after ViT and Swin (issue 13): plugin against a hand-written floor (`FamilyFloorVPT`) each.
+FAMILY_SECTIONS = ["clip", "siglip", "dinov3", "beit"]
 SECTION_VARIANTS = {
     "vit": ["plugin", "floor", "frozen_backprop", "head_only", "full_ft"],
     "swin": ["plugin", "frozen_backprop", "head_only", "full_ft"],
+    **{section: ["plugin", "floor"] for section in FAMILY_SECTIONS},
+    "swinv2": ["plugin"],
 }
 SECTION_TITLES = {
     "vit": "A. ViT-B/16, 224 px, random weights",
     "swin": "B. Swin-B (window 7), 224 px, random weights",
+    "clip": "C. CLIP ViT-B/16 vision tower (CLIPForImageClassification), 224 px, random weights",
+    "siglip": "D. SigLIP B/16 vision tower (SiglipForImageClassification, attention-pooling head on), 224 px, "
+              "random weights",
+    "dinov3": "E. DINOv3 ViT-S/16 with 4 registers (DINOv3ViTModel + linear head on the CLS pooler), 224 px, "
+              "random weights",
+    "beit": "F. BEiT-B/16 (BeitForImageClassification, per-layer relative position bias), 224 px, random weights",
+    "swinv2": "G. Swin V2",
 }
-QUICK_TITLES = {"vit": "A. tiny ViT (--quick)", "swin": "B. tiny Swin (--quick)"}
+QUICK_TITLES = {
+    "vit": "A. tiny ViT (--quick)",
+    "swin": "B. tiny Swin (--quick)",
+    "clip": "C. tiny CLIP (--quick)",
+    "siglip": "D. tiny SigLIP (--quick)",
+    "dinov3": "E. tiny DINOv3 (--quick)",
+    "beit": "F. tiny BEiT (--quick)",
+    "swinv2": "G. Swin V2 (--quick)",
+}
+ALL_SECTIONS = ["vit", "swin", *FAMILY_SECTIONS, "swinv2"]
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -114,7 +160,19 @@ def model_config(section: str, quick: bool):
     config = _model_config(section, quick)
     if ATTN_IMPLEMENTATION is not None:
         config._attn_implementation = ATTN_IMPLEMENTATION
+        if getattr(config, "vision_config", None) is not None:  # CLIP, SigLIP: the vision tower's own config
+            config.vision_config._attn_implementation = ATTN_IMPLEMENTATION
     return config
+
+
+def vision_config(config):
+    """The config holding image_size/patch_size/hidden_size: the vision tower's for CLIP and SigLIP."""
+    return getattr(config, "vision_config", None) or config
+
+
+# A tiny transformer for --quick: 2 layers of width 32 on a 4x4 patch grid.
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+             patch_size=8)
 
 
 def _model_config(section: str, quick: bool):
@@ -134,6 +192,17 @@ def _model_config(section: str, quick: bool):
         return SwinConfig(
             embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, num_labels=NUM_LABELS
         )
+    labels = QUICK_LABELS if quick else NUM_LABELS
+    if section == "clip":  # CLIPVisionConfig's defaults are ViT-B/32: B/16 needs patch_size=16
+        return CLIPConfig(vision_config=dict(_TINY) if quick else dict(patch_size=16), num_labels=labels)
+    if section == "siglip":  # SiglipVisionConfig's defaults are B/16 at 224 px, attention-pooling head on
+        return SiglipConfig(vision_config=dict(_TINY) if quick else {}, num_labels=labels)
+    if section == "dinov3":  # DINOv3ViTConfig's defaults are ViT-S/16; the released ViT-S/16 has 4 registers
+        extra = dict(num_register_tokens=4)
+        return DINOv3ViTConfig(**(dict(_TINY, num_register_tokens=2) if quick else extra), num_labels=labels)
+    if section == "beit":  # BeitConfig's defaults are BEiT-B/16 at 224 px (mean pooling, layer scale, drop path 0.1)
+        tiny = dict(_TINY, layer_scale_init_value=1.0)  # tiny and layer scale 0.1: prompts would barely move logits
+        return BeitConfig(**(tiny if quick else {}), use_relative_position_bias=True, num_labels=labels)
     raise ValueError(f"unknown section {section!r}")
 
 
@@ -141,14 +210,43 @@ def build_base(section: str, quick: bool, seed: int) -> nn.Module:
     """The same random weights for every variant of a section (same seed, same construction order)."""
     seed_everything(seed)
     config = model_config(section, quick)
-    model = (ViTForImageClassification if section == "vit" else SwinForImageClassification)(config)
+    model_cls = {
+        "vit": ViTForImageClassification,
+        "swin": SwinForImageClassification,
+        "clip": CLIPForImageClassification,
+        "siglip": SiglipForImageClassification,
+        "dinov3": DINOv3ViTModel,  # no classification class in transformers: `build_head` adds a linear head
+        "beit": BeitForImageClassification,
+    }[section]
+    model = model_cls(config)
+    if section == "beit":
+        # transformers initialises the relative position bias tables to zero: random ones, as a trained model has,
+        # so that the floor check also checks where the floor puts the biases.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    param.normal_(0.0, 0.5)
     return model.train()
+
+
+def build_head(section: str, quick: bool, seed: int) -> Optional[nn.Module]:
+    """The classifier of a model class without one (DINOv3): a Linear on the CLS pooler, the same for every variant."""
+    if section != "dinov3":
+        return None
+    config = model_config(section, quick)
+    gen = torch.Generator().manual_seed(seed + 2)
+    head = nn.Linear(config.hidden_size, config.num_labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * config.initializer_range)
+        head.bias.zero_()
+    return head
 
 
 def make_batch(section: str, quick: bool, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     config = model_config(section, quick)
+    size = vision_config(config).image_size
     gen = torch.Generator().manual_seed(seed + 1)
-    pixel_values = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=gen)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=gen)
     labels = torch.randint(0, config.num_labels, (batch_size,), generator=gen)
     return pixel_values, labels
 
@@ -207,6 +305,155 @@ class FloorVPT(nn.Module):
         return self.model.classifier(hidden[:, 0])
 
 
+def _zero_pad_bias(bias: torch.Tensor, start: int, num_prompts: int) -> torch.Tensor:
+    """A (1, heads, n, n) relative position bias with `num_prompts` zero rows and columns inserted at `start`: the
+    prompts get no position. One padded copy per layer and step, built before the layers run."""
+    *lead, n, _ = bias.shape
+    out = bias.new_zeros(*lead, n + num_prompts, n + num_prompts)
+    end = start + num_prompts
+    out[..., :start, :start] = bias[..., :start, :start]
+    out[..., :start, end:] = bias[..., :start, start:]
+    out[..., end:, :start] = bias[..., start:, :start]
+    out[..., end:, end:] = bias[..., start:, start:]
+    return out
+
+
+class FamilyFloorVPT(nn.Module):
+    """VPT-Deep for the families added after ViT (CLIP, SigLIP, DINOv3, BEiT), hand-written: the floor the plugin is
+    measured against in sections C-F. Same scheme as `FloorVPT`: the model frozen except its classifier, one
+    `(P, hidden)` prompt parameter per layer after the family's prefix tokens, one `torch.cat` per layer, the layers
+    called directly, prompts stripped after the last layer. Per family, what the model does around its layers:
+
+    - clip:   embeddings, `pre_layrnorm` (before the prompts go in), layers; the pooler (post-layernorm of CLS, which
+              the model computes though the classifier does not use it); classifier on the mean of the patch tokens.
+    - siglip: no prefix token (prompts first); embeddings, layers, `post_layernorm`, the attention-pooling `head`
+              (computed by the model, unused by the classifier); classifier on the mean of all tokens.
+    - dinov3: [CLS, registers, patches]; embeddings, the rotary (cos, sin) of the patch grid computed once and passed
+              to every layer (it rotates the last num_patches tokens only, so the prompts stay unrotated), final norm,
+              `head` (a Linear, `build_head`) on CLS.
+    - beit:   each layer's own relative position bias is taken out of the layer (so the layer does not build an
+              unpadded one) and computed here, once per layer and step, from the same bias module, zero-padded at the
+              prompt positions and passed as the layer's attention mask (plus the model's shared bias, if any, padded
+              alike); final layernorm, the pooler (layernormed mean of the patches, or CLS), classifier.
+    """
+
+    def __init__(self, section: str, model: nn.Module, num_prompts: int, head: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.section = section
+        self.model = model
+        self.num_prompts = num_prompts
+        model.requires_grad_(False)
+        self.head = head if head is not None else model.classifier
+        self.head.requires_grad_(True)
+        vconfig = vision_config(model.config)
+        if section in ("clip", "siglip"):
+            layers = model.vision_model.encoder.layers
+        elif section == "dinov3":
+            layers = model.model.layer
+        elif section == "beit":
+            layers = model.beit.layers
+        else:
+            raise ValueError(f"no hand-written floor for section {section!r}")
+        self.layers = list(layers)  # plain list: the layers stay registered under `model` only
+        self.num_prefix_tokens = {"clip": 1, "siglip": 0, "dinov3": 1 + int(getattr(vconfig, "num_register_tokens", 0) or 0),
+                                  "beit": 1}[section]
+        self.position_biases = None
+        if section == "beit":
+            # The floor's own copy of the model: the bias modules move from the layers to here (same weights).
+            self.position_biases = nn.ModuleList()
+            for layer in layers:
+                self.position_biases.append(layer.relative_position_bias or nn.Identity())
+                layer.relative_position_bias = None
+        patch = vconfig.patch_size[0] if isinstance(vconfig.patch_size, (list, tuple)) else vconfig.patch_size
+        bound = math.sqrt(6.0 / float(3 * patch**2 + vconfig.hidden_size))  # VPT's xavier-uniform
+        self.prompts = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_prompts, vconfig.hidden_size).uniform_(-bound, bound)) for _ in layers]
+        )
+
+    @torch.no_grad()
+    def copy_prompts_from(self, peft_model: nn.Module, head: Optional[nn.Module] = None,
+                          adapter_name: str = "default") -> None:
+        """Takes the plugin's prompts and head (its `modules_to_save` copy, or `head` for DINOv3)."""
+        layers = plugin_prompt_layers(peft_model)
+        assert len(layers) == len(self.prompts), (len(layers), len(self.prompts))
+        for mine, layer in zip(self.prompts, layers):
+            mine.copy_(layer.visual_prompt_embeddings[adapter_name])
+        if head is None:
+            head = peft_model.get_submodule("base_model.model.classifier")
+            if hasattr(head, "modules_to_save"):
+                head = head.modules_to_save[adapter_name]
+        self.head.load_state_dict(head.state_dict())
+
+    def _biases(self, hidden: torch.Tensor, pixel_values: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        beit = self.model.beit
+        patch = self.model.config.patch_size
+        window = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
+        length = hidden.shape[1]
+        shared = None
+        if beit.shared_position_bias is not None:
+            shared = beit.shared_position_bias(window, interpolate_pos_encoding=False, dim_size=length)
+        biases = []
+        for module in self.position_biases:
+            bias = None if isinstance(module, nn.Identity) else module(window, False, dim_size=length)
+            if shared is not None:
+                bias = shared if bias is None else bias + shared
+            biases.append(None if bias is None else _zero_pad_bias(bias, self.num_prefix_tokens, self.num_prompts))
+        return biases
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        section, model = self.section, self.model
+        start, end = self.num_prefix_tokens, self.num_prefix_tokens + self.num_prompts
+        if section == "clip":
+            vision = model.vision_model
+            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        elif section == "siglip":
+            vision = model.vision_model
+            hidden = vision.embeddings(pixel_values)
+        elif section == "dinov3":
+            pixel_values = pixel_values.to(model.embeddings.patch_embeddings.weight.dtype)
+            hidden = model.embeddings(pixel_values)
+            rotary = model.rope_embeddings(pixel_values)
+        else:  # beit
+            hidden = model.beit.embeddings(pixel_values)
+            biases = self._biases(hidden, pixel_values)
+            resolution = pixel_values.shape[2:]
+        batch = hidden.shape[0]
+        for i, layer in enumerate(self.layers):
+            patches = hidden[:, start:] if i == 0 else hidden[:, end:]
+            hidden = torch.cat([hidden[:, :start], self.prompts[i].expand(batch, -1, -1), patches], dim=1)
+            if section == "dinov3":
+                hidden = layer(hidden, None, position_embeddings=rotary)
+            elif section == "beit":
+                hidden = layer(hidden, biases[i], resolution=resolution)
+            else:
+                hidden = layer(hidden, None)
+        hidden = torch.cat([hidden[:, :start], hidden[:, end:]], dim=1)
+        if section == "clip":
+            vision.post_layernorm(hidden[:, 0])  # the model's pooler output (what CLIPVisionModel returns)
+            return self.head(hidden[:, 1:].mean(dim=1))
+        if section == "siglip":
+            hidden = vision.post_layernorm(hidden)
+            if vision.use_head:
+                vision.head(hidden)  # the model's pooler output (what SiglipVisionModel returns)
+            return self.head(hidden.mean(dim=1))
+        if section == "dinov3":
+            return self.head(model.norm(hidden)[:, 0])
+        beit = model.beit
+        return self.head(beit.pooler(beit.layernorm(hidden)))
+
+
+class PluginWithHead(nn.Module):
+    """A PEFT model without a classification head of its own (DINOv3ViTModel) and the Linear head on its pooler."""
+
+    def __init__(self, peft_model: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.head = head
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.peft_model(pixel_values=pixel_values).pooler_output)
+
+
 def _backprop_to_input_hook(module: nn.Module, args, output):
     """Makes the embeddings' output a leaf that requires grad, so backward runs through every frozen layer."""
     if isinstance(output, tuple):  # Swin: (embeddings, output_dimensions)
@@ -237,17 +484,33 @@ def _optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def build_runner(section: str, variant: str, quick: bool, seed: int, num_prompts: int) -> Runner:
+    if section == "swinv2":
+        raise RuntimeError(swinv2_skip_reason())
     model = build_base(section, quick, seed)
-    if variant == "plugin":
+    head = build_head(section, quick, seed)
+    if variant == "plugin" and head is not None:  # DINOv3: no head in the model; ours trains beside the prompts
+        peft_model = get_peft_model(model, VisualPromptConfig(num_prompt_tokens=num_prompts, deep=True))
+        module = PluginWithHead(peft_model, head).train()
+
+        def loss_fn(x, y):
+            return F.cross_entropy(module(x), y)
+
+    elif variant == "plugin":
         module = get_peft_model(model, VisualPromptConfig(num_prompt_tokens=num_prompts, deep=True))
         module.train()
 
         def loss_fn(x, y):
             return module(pixel_values=x, labels=y).loss
 
+    elif variant == "floor" and section in FAMILY_SECTIONS:
+        module = FamilyFloorVPT(section, model, num_prompts, head=head).train()
+
+        def loss_fn(x, y):
+            return F.cross_entropy(module(x), y)
+
     elif variant == "floor":
         if section != "vit":
-            raise ValueError("the hand-written floor exists for ViT only")
+            raise ValueError(f"no hand-written floor for section {section!r}")
         module = FloorVPT(model, num_prompts).train()
 
         def loss_fn(x, y):
@@ -314,6 +577,63 @@ def compare_floor_and_plugin(
         "max_abs_logits": float(out.logits.detach().abs().max()),
         "max_abs_logits_diff_vs_no_prompts": float((out.logits.detach() - logits_plain).abs().max()),
     }
+
+
+def compare_family_floor_and_plugin(
+    section: str, quick: bool = True, batch_size: int = 2, num_prompts: int = 3, seed: int = 0
+) -> dict[str, float]:
+    """`compare_floor_and_plugin` for the sections C-F: plugin and `FamilyFloorVPT` on the same weights, prompts,
+    head and input, in eval mode (DINOv3's rotary augmentation and BEiT's drop path are random in training mode; the
+    timed steps run in training mode, where both variants draw them alike). Returns the same differences."""
+    base = build_base(section, quick, seed).eval()
+    floor_model = copy.deepcopy(base)
+    plain = copy.deepcopy(base)
+    head = build_head(section, quick, seed)
+    floor_head = copy.deepcopy(head) if head is not None else None
+    peft_model = get_peft_model(base, VisualPromptConfig(num_prompt_tokens=num_prompts, deep=True)).eval()
+    floor = FamilyFloorVPT(section, floor_model, num_prompts, head=floor_head).eval()
+    floor.copy_prompts_from(peft_model, head=head)
+    pixel_values, labels = make_batch(section, quick, batch_size, seed)
+
+    if head is None:
+        out = peft_model(pixel_values=pixel_values, labels=labels)
+        logits, loss = out.logits, out.loss
+        plugin_head = peft_model.get_submodule("base_model.model.classifier").modules_to_save["default"]
+        with torch.no_grad():
+            logits_plain = plain(pixel_values=pixel_values).logits
+    else:
+        logits = head(peft_model(pixel_values=pixel_values).pooler_output)
+        loss = F.cross_entropy(logits, labels)
+        plugin_head = head
+        with torch.no_grad():
+            logits_plain = head(plain(pixel_values=pixel_values).pooler_output)
+    logits_floor = floor(pixel_values)
+    logits_diff = float((logits - logits_floor).detach().abs().max())
+    loss_floor = F.cross_entropy(logits_floor, labels)
+    loss.backward()
+    loss_floor.backward()
+
+    plugin_grads = [layer.visual_prompt_embeddings["default"].grad for layer in plugin_prompt_layers(peft_model)]
+    plugin_grads += [plugin_head.weight.grad, plugin_head.bias.grad]
+    floor_grads = [p.grad for p in floor.prompts] + [floor.head.weight.grad, floor.head.bias.grad]
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(plugin_grads, floor_grads))
+    return {
+        "max_abs_logits_diff": logits_diff,
+        "abs_loss_diff": float((loss - loss_floor).detach().abs()),
+        "max_abs_grad_diff": grad_diff,
+        "max_abs_logits": float(logits.detach().abs().max()),
+        "max_abs_logits_diff_vs_no_prompts": float((logits.detach() - logits_plain).abs().max()),
+    }
+
+
+def swinv2_skip_reason() -> str:
+    """Why section G (Swin V2) measures nothing: the package has no family for it (checked, not assumed)."""
+    from peft_visual_prompt.backbones import family_for
+
+    if family_for("swinv2") is None:
+        return ("Swin V2 (model_type 'swinv2') is not supported by peft_visual_prompt: no backbone family serves it, "
+                "so get_peft_model cannot wrap it and there is nothing to measure")
+    return "Swin V2 is supported by the package now, but this benchmark has no Swin V2 section yet"
 
 
 # ----------------------------------------------------------------------------------------------------------- timing
@@ -599,9 +919,17 @@ def run_section(section: str, args) -> SectionResult:
     variants = [v for v in SECTION_VARIANTS[section] if not args.variants or v in args.variants]
     t0 = args.t0
     check = None
-    if section == "vit" and "floor" in variants:
-        _log("[vit] floor check: plugin vs hand-written floor, same weights and input ...", t0)
-        check = compare_floor_and_plugin(quick=args.quick, batch_size=2, num_prompts=args.prompts, seed=args.seed)
+    if section == "swinv2":
+        return SectionResult(section, title, {}, {}, {}, {}, {}, skipped=swinv2_skip_reason())
+    if "floor" in variants:
+        _log(f"[{section}] floor check: plugin vs hand-written floor, same weights and input ...", t0)
+        if section == "vit":
+            check = compare_floor_and_plugin(quick=args.quick, batch_size=2, num_prompts=args.prompts, seed=args.seed)
+        else:
+            check = compare_family_floor_and_plugin(section, quick=args.quick, batch_size=2, num_prompts=args.prompts,
+                                                    seed=args.seed)
+        if not floor_matches(check):  # timing a floor that computes something else would mean nothing
+            _log(f"[{section}] floor check FAILED: {check}", t0)
     _log(f"[{section}] building {', '.join(variants)} ...", t0)
     runners: dict[str, Runner] = {}
     for name in variants:
@@ -671,7 +999,7 @@ def profile_plugin_vs_floor(args, top: int = 12) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--section", choices=["vit", "swin", "all"], default="all")
+    parser.add_argument("--section", choices=ALL_SECTIONS + ["all"], default="all")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (2 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="measured repetitions (default 5, 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="discarded repetitions (default 2, 1 with --quick)")
@@ -686,7 +1014,7 @@ def parse_args(argv=None):
     parser.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                         help="attention implementation (default: transformers' default, sdpa). Swin's prompts are "
                              "broadcast over windows with eager and copied once per window with sdpa")
-    parser.add_argument("--quick", action="store_true", help="tiny ViT and Swin: a smoke run in seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny models of every section: a smoke run in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--profile", action="store_true", help="also profile one step of plugin vs floor (ViT)")
     args = parser.parse_args(argv)
@@ -709,6 +1037,8 @@ def parse_args(argv=None):
 def _cycle_note(args, sections: list[str]) -> str:
     notes = []
     for section in sections:
+        if section == "swinv2":  # skipped: nothing is timed
+            continue
         n = len([v for v in SECTION_VARIANTS[section] if not args.variants or v in args.variants])
         notes.append(f"{len(williams_orders(n))} repetitions for {section}")
     return ", ".join(notes)
@@ -725,7 +1055,7 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     command = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     load_before = os.getloadavg()
-    sections = ["vit", "swin"] if args.section == "all" else [args.section]
+    sections = ALL_SECTIONS if args.section == "all" else [args.section]
     try:
         results = [run_section(s, args) for s in sections]
     finally:

@@ -57,6 +57,10 @@ def test_quick_run_prints_every_row(overhead):
     assert "- plugin / floor (goal <= 1.05x): wall: ratio of medians" in vit_part
     assert "- plugin / full_ft: wall: ratio of medians" in vit_part
 
+    swin_part, _, families_part = swin_part.partition("### C. tiny CLIP (--quick)")
+    assert families_part, out
+    _check_family_sections(overhead, "### C. tiny CLIP (--quick)" + families_part)
+
     if _swin_supported():
         swin_rows = _table_rows(swin_part)
         for variant in overhead.SECTION_VARIANTS["swin"]:
@@ -64,6 +68,65 @@ def test_quick_run_prints_every_row(overhead):
         assert "- plugin / full_ft: wall: ratio of medians" in swin_part
     else:
         assert "Section swin: skipped: " in swin_part, swin_part
+
+
+def _check_family_sections(overhead, text: str) -> None:
+    """Sections C-F (CLIP, SigLIP, DINOv3, BEiT): plugin and floor rows measured, the floor check passed, the ratio
+    printed; section G (Swin V2) skipped with its reason."""
+    parts = {}
+    for section in overhead.FAMILY_SECTIONS + ["swinv2"]:
+        title = f"### {overhead.QUICK_TITLES[section]}"
+        assert title in text, (title, text)
+        parts[section] = text.split(title, 1)[1].split("\n### ", 1)[0]
+    for section in overhead.FAMILY_SECTIONS:
+        part = parts[section]
+        rows = _table_rows(part)
+        for variant in overhead.SECTION_VARIANTS[section]:
+            cells = rows[overhead.VARIANT_TITLES[variant]]
+            assert len(cells) == 9, (section, cells)
+            float(cells[2]), float(cells[5]), float(cells[7])  # wall, CPU, peak RSS growth: all measured
+        assert rows[overhead.VARIANT_TITLES["plugin"]][1] == rows[overhead.VARIANT_TITLES["floor"]][1], part
+        assert "- floor check (OK)" in part, (section, part)
+        assert "- plugin / floor (goal <= 1.05x): wall: ratio of medians" in part, (section, part)
+    assert "Section swinv2: skipped: " in parts["swinv2"] and "not supported" in parts["swinv2"], parts["swinv2"]
+
+
+@pytest.mark.parametrize("section", ["clip", "siglip", "dinov3", "beit"])
+def test_family_floor_computes_the_plugins_function(overhead, section):
+    """Each family's hand-written floor (CLIP's pre-layernorm, SigLIP's no-CLS layout and head, DINOv3's registers
+    and rotary embeddings, BEiT's zero-padded relative position biases) computes the plugin's logits, loss and
+    prompt/head gradients; and a floor that feeds each layer another layer's prompts fails the check."""
+    import torch
+
+    check = overhead.compare_family_floor_and_plugin(section, quick=True, batch_size=2, num_prompts=3, seed=0)
+    assert check["max_abs_logits_diff"] <= 1e-5 and check["abs_loss_diff"] <= 1e-5, check
+    assert check["max_abs_grad_diff"] <= 1e-5, check
+    assert check["max_abs_logits_diff_vs_no_prompts"] > 1e-4, check
+    assert overhead.floor_matches(check)
+
+    original = overhead.FamilyFloorVPT.copy_prompts_from
+
+    def swapped(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        with torch.no_grad():
+            first = self.prompts[0].clone()
+            self.prompts[0].copy_(self.prompts[1])
+            self.prompts[1].copy_(first)
+
+    overhead.FamilyFloorVPT.copy_prompts_from = swapped
+    try:
+        wrong = overhead.compare_family_floor_and_plugin(section, quick=True, batch_size=2, num_prompts=3, seed=0)
+    finally:
+        overhead.FamilyFloorVPT.copy_prompts_from = original
+    assert not overhead.floor_matches(wrong), wrong
+
+
+def test_beit_floor_check_catches_misplaced_position_bias(overhead, monkeypatch):
+    """The BEiT floor pads the relative position biases itself: padding them one token off must fail the check."""
+    original = overhead._zero_pad_bias
+    monkeypatch.setattr(overhead, "_zero_pad_bias", lambda bias, start, n: original(bias, start + 1, n))
+    check = overhead.compare_family_floor_and_plugin("beit", quick=True, batch_size=2, num_prompts=3, seed=0)
+    assert not overhead.floor_matches(check), check
 
 
 def test_floor_computes_the_plugins_function(overhead):

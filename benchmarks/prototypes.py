@@ -35,7 +35,8 @@ E. K-means seeding, former against current, on `cap` real tokens of this model (
    all tokens; inertia is recomputed in float64.
 
 Usage:
-    python benchmarks/prototypes.py --section seeding --reps 2
+    python benchmarks/prototypes.py --section seeding --reps 3 --cap 6272   # 32 images' worth of tokens
+    python benchmarks/prototypes.py --section seeding --reps 1              # the default cap, 65,536
     python benchmarks/prototypes.py                  # all sections (about 8 minutes on 2 busy cores)
     python benchmarks/prototypes.py --section ratio --images 32 --reps 2
     python benchmarks/prototypes.py --section kmeans --reps 3
@@ -427,6 +428,7 @@ def report_ratio(res: dict, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio", "seeding"], default="all")
+    parser.add_argument("--cap", type=int, default=65536, help="section E's token count (6,272 = 32 images)")
     parser.add_argument("--strategies", default="kmeans,mean,max,random",
                         help="section D's strategies; 'kmeans-sequential' runs the layers' K-means one after the "
                              "other after the pass")
@@ -457,7 +459,7 @@ def main() -> None:
         runs = [run_pass(args.images, deep, 65536, args.quick, args.batch_size) for deep in (True, False)]
         report_pass(runs, kmeans_at_cap(args.quick), args.quick)
     if args.section in ("all", "seeding"):
-        report_seeding(bench_seeding(args.quick, args.reps))
+        report_seeding(bench_seeding(args.quick, args.reps, cap=args.cap))
     if args.section in ("all", "ratio"):
         report_ratio(bench_ratio(args.images, args.batch_size, args.reps, args.quick, args.strategies.split(",")),
                      args.quick)

@@ -382,11 +382,13 @@ def bench_ratio(images: int, batch_size: int, reps: int, quick: bool, strategies
     def spt(strategy: str) -> tuple[float, dict]:
         from peft_visual_prompt.spt import initialize as module
 
-        # "kmeans-sequential": the layers' K-means one after the other after the pass (the former schedule)
+        # "kmeans-sequential": the layers' K-means one after the other after the pass (the former schedule);
+        # "kmeans-overlap": started during the last batch's forward (OVERLAP_WITH_FORWARD)
         module.PARALLEL_PROTOTYPES = strategy != "kmeans-sequential"
+        module.OVERLAP_WITH_FORWARD = strategy == "kmeans-overlap"
         start = time.perf_counter()
         stats = initialize_prompts(model, loader, strategy.split("-")[0])
-        module.PARALLEL_PROTOTYPES = True
+        module.PARALLEL_PROTOTYPES, module.OVERLAP_WITH_FORWARD = True, False
         return time.perf_counter() - start, stats
 
     forward()  # warm-up (allocator, kernels)
@@ -431,7 +433,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=65536, help="section E's token count (6,272 = 32 images)")
     parser.add_argument("--strategies", default="kmeans,mean,max,random",
                         help="section D's strategies; 'kmeans-sequential' runs the layers' K-means one after the "
-                             "other after the pass")
+                             "other after the pass, 'kmeans-overlap' starts them during the last batch's forward")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=10)

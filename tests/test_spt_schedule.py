@@ -1,5 +1,5 @@
-"""The K-means prototype schedule: overlapped with the last batch's forward and parallel over layers (one process,
-CPU), with the same prototypes as one layer after the other."""
+"""The K-means prototype schedule: parallel over layers after the pass (optionally overlapped with the last batch's
+forward), one process on CPU, with the same prototypes as one layer after the other."""
 
 import sys
 from pathlib import Path
@@ -38,13 +38,16 @@ def run(parallel, data, monkeypatch, **kwargs):
     return model, stats
 
 
-def test_overlapped_parallel_kmeans_equals_sequential(two_threads, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_parallel_kmeans_equals_sequential(two_threads, monkeypatch, overlap):
+    monkeypatch.setattr(init_module, "OVERLAP_WITH_FORWARD", overlap)
     submitted = []
     original = init_module._PrototypeScheduler.submit
     monkeypatch.setattr(init_module._PrototypeScheduler, "submit",
                         lambda self, t, n: (submitted.append((t.name, n)), original(self, t, n)))
     parallel, p_stats = run(True, loader(), monkeypatch)
-    assert [n for _, n in submitted] == [24, 24, 24]  # every layer started during the last batch's forward
+    # with the overlap, every layer started during the last batch's forward; without, after the pass
+    assert [n for _, n in submitted] == ([24, 24, 24] if overlap else [])
     assert torch.get_num_threads() == 2  # the caller's setting is kept
     sequential, s_stats = run(False, loader(), monkeypatch)
     for a, b in zip(owned_prompts(parallel), owned_prompts(sequential)):

@@ -27,9 +27,12 @@ from .write import write_prompts
 DEFAULT_MAX_TOKENS_PER_LAYER = 65536
 # The first prompted layer's token source; docs/spt.md, "Tokens", gives the measurements behind the choice.
 DEFAULT_FIRST_LAYER_TOKENS = "embeddings"
-# Overlapped, layer-parallel K-means (`_PrototypeScheduler`); False runs the layers one after the other after the pass
-# (benchmarks/prototypes.py compares both).
+# Layer-parallel K-means after the pass (`_PrototypeScheduler`); False runs the layers one after the other.
 PARALLEL_PROTOTYPES = True
+# Start each layer's K-means during the last batch's forward, as soon as that batch has passed the layer. Off by
+# default: on a busy 2-core machine the extra threads stalled the forward's OpenMP kernels more than the overlap saved
+# (docs/spt_benchmark_results.md); worth trying where the forward leaves cores idle.
+OVERLAP_WITH_FORWARD = False
 
 
 def initialize_prompts(
@@ -148,13 +151,13 @@ def initialize_prompts(
 class _PrototypeScheduler:
     """Runs each layer's prototypes (`layer_prototypes`) as early and as parallel as exactness allows.
 
-    One process on CPU with K-means: a pool of worker threads, one per intra-op thread torch has (each K-means runs
-    on one thread, see `clustering`), takes the layers. With a map-style plan the last batch is known, and a layer's
-    tokens are final as soon as that batch has passed it: its K-means starts then, while the forward of the last
-    batch goes on through the later layers; the other layers queue behind. Prototypes are the same as one after the
-    other (each layer's computation is untouched; only its start time and thread differ). Distributed runs keep the
+    One process on CPU with K-means: after the pass, a pool of worker threads, one per intra-op thread torch has
+    (each K-means runs on one thread, see `clustering`), takes the layers. With `OVERLAP_WITH_FORWARD` and a
+    map-style plan, the last batch is known and a layer's tokens are final as soon as that batch has passed it: its
+    K-means then starts while the forward of the last batch goes on. Prototypes are the same as one after the other
+    (each layer's computation is untouched; only its start time and thread differ). Distributed runs keep the
     sequential order: every K-means step is a collective, and ranks must issue collectives in the same order.
-    docs/spt.md, "Cost", has the measurements.
+    docs/spt.md, "Cost: the schedule of the prototypes", has the measurements.
     """
 
     def __init__(self, strategy, num_prompts, capacity, comm: Comm, seed, device) -> None:
@@ -181,7 +184,8 @@ class _PrototypeScheduler:
             torch.set_num_threads(self.threads)  # workers set their own; keep the caller's setting
 
     def overlaps(self, plan) -> bool:
-        return self.pool is not None and plan.by_dataset_index and plan.total is not None and plan.total > 0
+        return (OVERLAP_WITH_FORWARD and self.pool is not None and plan.by_dataset_index and plan.total is not None
+                and plan.total > 0)
 
     def _run(self, target, num_images):
         return layer_prototypes(target, *self.args, num_images)

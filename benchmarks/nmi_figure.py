@@ -92,7 +92,7 @@ def captured(model, pixels) -> list:
 
 
 def estimators(rows) -> dict:
-    from peft_visual_prompt.spt.nmi import (attention_parts, cross_attention_logits, attention_nmi, nmi_from_logits,,
+    from peft_visual_prompt.spt.nmi import (attention_parts, cross_attention_logits, attention_nmi, nmi_from_logits,
                                             nmi_from_tokens)
 
     out = {"tokens (package default, nmi_from_tokens)": [], "tokens, no patch-mean centring": [],

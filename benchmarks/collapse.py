@@ -46,7 +46,8 @@ def model_path() -> str:
 def get_task(name: str, size: int, train: int, val: int, test: int):
     key = (name, size, train, val, test)
     if key not in _TASK_CACHE:
-        cache = Path.home() / ".cache" / "peft_visual_prompt" / "benchmark_tasks" / f"{name}-{size}-{train}-{val}-{test}.pt"
+        cache = Path.home() / ".cache" / "peft_visual_prompt" / "benchmark_tasks"
+        cache = cache / f"{name}-{size}-{train}-{val}-{test}.pt"
         if cache.is_file():
             _TASK_CACHE[key] = torch.load(cache, weights_only=False)
         else:
@@ -139,7 +140,8 @@ def cmd_run(args) -> None:
     model = bb.classifier(k, args.seed)
     if args.method in ("deep", "shallow"):
         torch.manual_seed(args.seed)
-        model = get_peft_model(model, VisualPromptConfig(num_prompt_tokens=args.num_prompts, deep=args.method == "deep"))
+        config = VisualPromptConfig(num_prompt_tokens=args.num_prompts, deep=args.method == "deep")
+        model = get_peft_model(model, config)
         prompts = prompt_layers(model)
         if args.init in ("kmeans", "mean", "max", "random"):
             loader = torch.utils.data.DataLoader(
@@ -166,6 +168,14 @@ def cmd_run(args) -> None:
         with torch.no_grad():
             head.weight.zero_()
             head.bias.zero_()
+    elif args.head_init == "linear_probe":  # the CLI's --head_init linear_probe, on the centre view
+        from peft_visual_prompt.cli.data import collate
+        from peft_visual_prompt.cli.trainer import fit_head_linear_probe
+
+        pixels = bb.normalize(task.x["train"])
+        dataset = [{"pixel_values": pixels[i], "labels": int(task.y["train"][i])} for i in range(len(pixels))]
+        rec_head = fit_head_linear_probe(model, dataset, collate, k, max_images=args.head_init_images)
+        print("  head init:", rec_head, flush=True)
     prompt_params = list(prompts.values())
     head_params = list(head.parameters())
     other = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in prompt_params + head_params)]
@@ -314,7 +324,8 @@ def parse(argv=None):
             s.add_argument("--head_wd", type=float, default=None)
             s.add_argument("--clip", type=float, default=0.0)
             s.add_argument("--warmup", type=float, default=0.1)
-            s.add_argument("--head_init", default="default", choices=["default", "zeros"])
+            s.add_argument("--head_init", default="default", choices=["default", "zeros", "linear_probe"])
+            s.add_argument("--head_init_images", type=int, default=256)
             s.add_argument("--epochs", type=int, default=5)
             s.add_argument("--batch_size", type=int, default=16)
             s.add_argument("--seed", type=int, default=0)

@@ -71,9 +71,17 @@ class MethodArguments:
     init: str = field(default="kmeans", metadata={
         "help": "Prompt initialisation: VPT's xavier_uniform, or an SPT strategy that fills the prompts with "
                 "prototypes of patch tokens of training images.", "choices": list(INITS)})
-    head_learning_rate: float = field(default=3e-3, metadata={
+    head_learning_rate: float = field(default=1e-3, metadata={
         "help": "Learning rate of the trained modules other than the prompts (the new classifier head); "
-                "--learning_rate applies to the prompts. Pass the same value for a single rate."})
+                "--learning_rate applies to the prompts. Pass the same value for a single rate. The default is "
+                "kept 10x below the prompts': a fresh head on DINOv2-S features (norm ~60) overshoots at 3e-3 and "
+                "above in its first AdamW steps and predicts one class (docs/accuracy_findings.md)."})
+    head_init: str = field(default="linear_probe", metadata={
+        "help": "How the new classifier head starts: `linear_probe` fits it (L2 logistic regression, L-BFGS) on the "
+                "prompted model's features of up to --head_init_max_images training images before training "
+                "(LP-FT); `random` keeps the model's random initialisation.", "choices": ["linear_probe", "random"]})
+    head_init_max_images: int = field(default=256, metadata={
+        "help": "Training images (centre view) whose features the linear-probe head is fitted on."})
     spt_max_images: int = field(default=128, metadata={"help": "Training images used by the SPT pass."})
     spt_max_tokens_per_layer: Optional[int] = field(default=None, metadata={
         "help": "Patch tokens sampled per layer for SPT's clustering (default: spt's own)."})

@@ -72,6 +72,7 @@ def _train_and_save(setup_: Setup, model_args, data_args, training_args, plan, p
     t_start, t_loaded = times
     trainer, interrupt = _build_trainer(setup_, data_args, training_args)
     spt_info, t_spt = _init_prompts(setup_, model_args, data_args, training_args, trainer, plan)
+    head_info, t_head = _init_head(setup_, model_args, data_args, training_args, trainer, plan)
     t0 = time.perf_counter()
     with interrupt.installed():
         train_result = trainer.train(resume_from_checkpoint=plan.resume)
@@ -89,10 +90,10 @@ def _train_and_save(setup_: Setup, model_args, data_args, training_args, plan, p
     trainer.save_model(str(plan.work_dir))  # adapter files (main process only)
     if not trainer.is_world_process_zero():
         return 0
-    timings = {"load": round(t_loaded - t_start, 2), "spt_init": round(t_spt, 2), "train": round(t_train, 2),
-               "test": round(t_test, 2)}
-    metrics = _write_results(setup_, trainer, training_args, plan.work_dir, train_result, test_metrics, spt_info,
-                             timings, t_start)
+    timings = {"load": round(t_loaded - t_start, 2), "spt_init": round(t_spt, 2), "head_init": round(t_head, 2),
+               "train": round(t_train, 2), "test": round(t_test, 2)}
+    metrics = _write_results(setup_, trainer, training_args, plan.work_dir, train_result, test_metrics,
+                             {"spt": spt_info, "head": head_info}, timings, t_start)
     rundir.finish(plan)
     hub_id = push and (training_args.hub_model_id or plan.target.name)
     if hub_id:
@@ -112,12 +113,16 @@ def _build_trainer(setup_: Setup, data_args, training_args):
     train_ds = SeededAugmentation(setup_.splits["train"], transform(setup_, data_args, train=True), training_args.seed)
     val_ds = setup_.splits["validation"].with_transform(transform(setup_, data_args, train=False))
     metric = load_metric("accuracy")
+    labels = list(setup_.labels)
 
     def compute_metrics(eval_pred):
         import numpy as np
 
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=eval_pred.label_ids)
+        predictions = np.argmax(logits, axis=-1)
+        out = metric.compute(predictions=predictions, references=eval_pred.label_ids)
+        out.update(per_class_recall(predictions, eval_pred.label_ids, labels))
+        return out
 
     interrupt = GracefulInterrupt()
     callbacks = [interrupt.callback, train_ds.callback(), rundir.marker_callback()]
@@ -131,6 +136,23 @@ def _build_trainer(setup_: Setup, data_args, training_args):
         if hasattr(callback, "trainer"):  # PromptPatchNMICallback logs through Trainer.log when it has the trainer
             callback.trainer = trainer
     return trainer, interrupt
+
+
+RECALL_PREFIX = "recall_"
+
+
+def per_class_recall(predictions, references, labels: list[str]) -> dict:
+    """{"recall_<label>": share of that class's images predicted as it} for every class present in `references`:
+    a model that never predicts a class shows 0 there, whatever its accuracy."""
+    import numpy as np
+
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    out = {}
+    for index, name in enumerate(labels):
+        mask = references == index
+        if mask.any():
+            out[f"{RECALL_PREFIX}{name}"] = float((predictions[mask] == index).mean())
+    return out
 
 
 def _nmi_callback(setup_: Setup, data_args):
@@ -158,8 +180,24 @@ def _init_prompts(setup_: Setup, model_args, data_args, training_args, trainer, 
     return info, time.perf_counter() - t0
 
 
+def _init_head(setup_: Setup, model_args, data_args, training_args, trainer, plan) -> tuple[dict, float]:
+    """(head-init info, seconds): `--head_init linear_probe` fits a fresh head on the prompted model's features
+    (after SPT); a resumed run or a given adapter keeps the head it has."""
+    if setup_.method.head_init != "linear_probe" or plan.resume is not None or model_args.adapter_name_or_path:
+        return {}, 0.0
+    from .data import collate
+    from .trainer import fit_head_linear_probe
+
+    t0 = time.perf_counter()
+    dataset = setup_.splits["train"].with_transform(transform(setup_, data_args, train=False))
+    info = fit_head_linear_probe(trainer.model, dataset, collate, len(setup_.labels),
+                                 batch_size=training_args.per_device_eval_batch_size,
+                                 max_images=setup_.method.head_init_max_images)
+    return info, time.perf_counter() - t0
+
+
 def _write_results(setup_: Setup, trainer, training_args, work_dir: Path, train_result, test_metrics: dict,
-                   spt_info: dict, timings: dict, t_start: float) -> dict:
+                   init_info: dict, timings: dict, t_start: float) -> dict:
     """The Trainer's own files (trainer_state.json, train/test/all_results.json), then the CLI's; metrics.json is
     written last: its presence marks a finished run."""
     from .plots import plot_training_curves
@@ -172,8 +210,9 @@ def _write_results(setup_: Setup, trainer, training_args, work_dir: Path, train_
     method = setup_.method
     plot_training_curves(trainer.state.log_history, work_dir / CURVES_FILE,
                          title=f"{method.describe()} on {setup_.model_display}, {setup_.dataset_display}")
-    metrics = _summary(setup_, trainer, training_args, work_dir, train_result, test_metrics, spt_info,
+    metrics = _summary(setup_, trainer, training_args, work_dir, train_result, test_metrics, init_info["spt"],
                        {**timings, "total": round(time.perf_counter() - t_start, 2)})
+    metrics["head_init"] = init_info["head"] or {"head_init": "random"}
     fault_point("final")
     from .common import write_json
 
@@ -190,6 +229,8 @@ def _summary(setup_: Setup, trainer, training_args, work_dir: Path, train_result
         "test_accuracy": test_metrics.get("test_accuracy"),
         "test_loss": test_metrics.get("test_loss"),
         "validation_accuracy": val_accuracy,
+        "test_recall": {name: test_metrics[f"test_{RECALL_PREFIX}{name}"] for name in setup_.labels
+                        if f"test_{RECALL_PREFIX}{name}" in test_metrics},
         **counts,
         "trainable_percent_of_backbone": 100.0 * counts["trainable_params"] / max(1, counts["backbone_params"]),
         "adapter_size_bytes": sum((work_dir / name).stat().st_size for name in
@@ -219,12 +260,15 @@ def _print_train_summary(metrics: dict, setup_: Setup, output_dir: Path, hub_id)
         + (f"validation {metrics['validation_accuracy']:.4f} on {n['validation']}; "
            if metrics["validation_accuracy"] is not None else "")
         + f"trained on {n['train']})",
+        "  test recall       " + (", ".join(f"{name} {value:.2f}" for name, value in metrics["test_recall"].items())
+                                     or "n/a") + "  (per class: share of its test images predicted as it)",
         f"  trainable params  {metrics['trainable_params']:,} (prompts {metrics['prompt_params']:,} + head "
         f"{metrics['head_params']:,}) vs {metrics['backbone_params']:,} frozen in the backbone "
         f"({metrics['trainable_percent_of_backbone']:.2f}%)",
         f"  adapter size      {human_bytes(metrics['adapter_size_bytes'])} on disk",
         f"  time              {human_time(t['total'])} (loading {human_time(t['load'])}, SPT init "
-        f"{human_time(t['spt_init'])}, training {human_time(t['train'])}, test {human_time(t['test'])})",
+        f"{human_time(t['spt_init'])}, head init {human_time(t.get('head_init', 0.0))}, training "
+        f"{human_time(t['train'])}, test {human_time(t['test'])})",
         f"  written to        {output_dir}/",
         "                      adapter_model.safetensors, adapter_config.json, preprocessor_config.json, "
         f"{RUN_FILE}",

@@ -33,8 +33,10 @@ def prompt_trainer_cls():
     from transformers import Trainer
 
     class PromptTrainer(Trainer):
-        """A Trainer whose optimizer gives the head its own learning rate: prompts need a far larger one (AdamW
-        ~1e-2..5e-2) than a fresh linear head on backbone features, which diverges at that rate."""
+        """A Trainer whose optimizer gives the head its own learning rate: prompts take a larger one (AdamW ~1e-2)
+        than a fresh linear head on backbone features. Under AdamW every head weight moves by ~lr per step, so its
+        logits move by ~lr * sum|features| (~1.3 per 1e-3 on DINOv2-S's [CLS, mean patch], norm ~60): at 3e-3..1e-2
+        the first steps overshoot and the model predicts one class (docs/accuracy_findings.md)."""
 
         head_learning_rate: Optional[float] = None
 
@@ -137,3 +139,78 @@ class GracefulInterrupt:
             yield
         finally:
             signal.signal(signal.SIGINT, self._previous)
+
+
+HEAD_INITS = ("random", "linear_probe")
+
+
+def trained_head(model) -> Optional[torch.nn.Linear]:
+    """The one trainable Linear that is not a prompt projection (the classifier head, or its trained copy inside
+    PEFT's ModulesToSaveWrapper), or None when there is not exactly one."""
+    heads = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+             and "prompt" not in n]
+    return heads[0] if len(heads) == 1 else None
+
+
+@torch.no_grad()
+def _head_inputs(model, head, dataset, collate, batch_size: int, max_images: int, device) -> tuple:
+    inputs, labels = [], []
+
+    def capture(module, args):
+        inputs.append(args[0].detach().float().cpu())
+
+    hook = head.register_forward_pre_hook(capture)
+    was_training = model.training
+    model.eval()
+    try:
+        n = min(len(dataset), max_images)
+        # evenly spaced over the dataset, so a class-sorted dataset still gives every class
+        indices = [i * len(dataset) // n for i in range(n)]
+        for start in range(0, n, batch_size):
+            batch = collate([dataset[i] for i in indices[start:start + batch_size]])
+            labels.append(batch["labels"])
+            model(pixel_values=batch["pixel_values"].to(device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(inputs), torch.cat(labels)
+
+
+def fit_head_linear_probe(model, dataset, collate, num_labels: int, batch_size: int = 64, max_images: int = 256,
+                          l2: float = 1e-2, iterations: int = 100, device=None) -> dict:
+    """Linear probing before prompt tuning (LP-FT, Kumar et al., 2022): the head starts as an L2-regularised
+    logistic regression on the features the prompted model gives `max_images` training images (centre view), fitted
+    by full-batch L-BFGS on standardised features and folded back into the head's weight and bias.
+
+    Why: a random head on DINOv2-S's [CLS, mean patch] features (norm ~60) needs either a head learning rate large
+    enough to overshoot in its first AdamW steps (the loss rises above chance and one class is predicted) or more
+    steps than a short run has. A fitted head starts where a linear probe ends, so the prompts train against a
+    sensible classifier from the first step. Deterministic for a given model, data and thread count."""
+    head = trained_head(model)
+    if head is None or head.out_features != num_labels:
+        return {"head_init": "random", "reason": "no single trainable Linear head with one output per class"}
+    device = device if device is not None else head.weight.device
+    x, y = _head_inputs(model, head, dataset, collate, batch_size, max_images, device)
+    x = x.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    weight = torch.zeros(num_labels, z.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        w = weight / std
+        b = bias - w @ mean
+        head.weight.copy_(w.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.copy_(b.to(head.bias.dtype))
+        train_accuracy = float(((z @ weight.T + bias).argmax(1) == y).double().mean())
+    return {"head_init": "linear_probe", "images": int(len(y)), "l2": l2, "train_accuracy": round(train_accuracy, 4)}

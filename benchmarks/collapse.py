@@ -276,11 +276,11 @@ def cmd_plot(args) -> None:
     for tag in tags:
         r = runs[tag]
         steps = range(1, len(r["loss"]) + 1)
-        axes[0].plot(steps, r["loss"], label=tag, lw=1)
+        axes[0].semilogy(steps, r["loss"], label=tag, lw=1)
         axes[1].semilogy(steps, r["grad_head"], label=f"{tag}", lw=1)
         axes[2].plot([v["epoch"] for v in r["val"]], [v["acc"] for v in r["val"]], "o-", label=tag)
     axes[0].axhline(math.log(3), color="k", ls=":", lw=1)
-    axes[0].set_title("training loss per step (dotted: ln 3)")
+    axes[0].set_title("training loss per step, log scale (dotted: ln 3)")
     axes[1].set_title("head gradient norm per step (before clipping)")
     axes[2].set_title("validation accuracy per epoch (majority 0.5)")
     axes[2].axhline(0.5, color="k", ls=":", lw=1)

@@ -90,8 +90,10 @@ def _train_and_save(setup_: Setup, model_args, data_args, training_args, plan, p
     trainer.save_model(str(plan.work_dir))  # adapter files (main process only)
     if not trainer.is_world_process_zero():
         return 0
-    timings = {"load": round(t_loaded - t_start, 2), "spt_init": round(t_spt, 2), "head_init": round(t_head, 2),
-               "train": round(t_train, 2), "test": round(t_test, 2)}
+    timings = {"load": round(t_loaded - t_start, 2), "spt_init": round(t_spt, 2), "train": round(t_train, 2),
+               "test": round(t_test, 2)}
+    if head_info:
+        head_info = {**head_info, "seconds": round(t_head, 2)}
     metrics = _write_results(setup_, trainer, training_args, plan.work_dir, train_result, test_metrics,
                              {"spt": spt_info, "head": head_info}, timings, t_start)
     rundir.finish(plan)
@@ -267,8 +269,7 @@ def _print_train_summary(metrics: dict, setup_: Setup, output_dir: Path, hub_id)
         f"({metrics['trainable_percent_of_backbone']:.2f}%)",
         f"  adapter size      {human_bytes(metrics['adapter_size_bytes'])} on disk",
         f"  time              {human_time(t['total'])} (loading {human_time(t['load'])}, SPT init "
-        f"{human_time(t['spt_init'])}, head init {human_time(t.get('head_init', 0.0))}, training "
-        f"{human_time(t['train'])}, test {human_time(t['test'])})",
+        f"{human_time(t['spt_init'])}, training {human_time(t['train'])}, test {human_time(t['test'])})",
         f"  written to        {output_dir}/",
         "                      adapter_model.safetensors, adapter_config.json, preprocessor_config.json, "
         f"{RUN_FILE}",

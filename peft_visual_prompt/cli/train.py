@@ -269,7 +269,9 @@ def _print_train_summary(metrics: dict, setup_: Setup, output_dir: Path, hub_id)
         f"({metrics['trainable_percent_of_backbone']:.2f}%)",
         f"  adapter size      {human_bytes(metrics['adapter_size_bytes'])} on disk",
         f"  time              {human_time(t['total'])} (loading {human_time(t['load'])}, SPT init "
-        f"{human_time(t['spt_init'])}, training {human_time(t['train'])}, test {human_time(t['test'])})",
+        f"{human_time(t['spt_init'])}, "
+        + (f"head init {human_time(metrics['head_init']['seconds'])}, " if "seconds" in metrics["head_init"] else "")
+        + f"training {human_time(t['train'])}, test {human_time(t['test'])})",
         f"  written to        {output_dir}/",
         "                      adapter_model.safetensors, adapter_config.json, preprocessor_config.json, "
         f"{RUN_FILE}",

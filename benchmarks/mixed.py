@@ -14,6 +14,7 @@ Memory: the bytes each added adapter adds to the model (unique tensor storage), 
 
 Usage:
     python benchmarks/mixed.py                    # ViT-B/16, 224 px, batch 32, T = 1, 4, 16, 32 (minutes on 2 cores)
+    python benchmarks/mixed.py --section padding  # only the different-prompt-count section
     python benchmarks/mixed.py --quick            # a tiny model, seconds (the smoke test runs this)
 """
 
@@ -182,6 +183,7 @@ def section_padding(args) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, seconds")
+    parser.add_argument("--section", choices=["tasks", "padding", "all"], default="all")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--prompts", type=int, default=10, help="prompt tokens per layer (task section)")
@@ -195,9 +197,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{'tiny ViT' if args.quick else 'ViT-B/16 224 px'}, inference_mode", flush=True)
-    section_tasks(args)
-    print()
-    print("\n".join(section_padding(args)))
+    if args.section in ("tasks", "all"):
+        section_tasks(args)
+        print()
+    if args.section in ("padding", "all"):
+        print("\n".join(section_padding(args)))
     return 0
 
 

@@ -184,3 +184,29 @@ def test_adapters_of_tasks_with_different_label_counts_load_and_mix(tmp_path):
     torch.testing.assert_close(mixed[[0, 2], :3], want_b[[0, 2]], atol=1e-6, rtol=1e-6)
     assert torch.isneginf(mixed[[0, 2], 3:]).all()
     torch.testing.assert_close(mixed[1], want_default[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_a_user_attention_mask_combines_with_the_padding(attn, deep):
+    """ViT with a user padding mask: each row of a mixed batch (different prompt counts, "__base__") equals the row
+    alone with the same mask."""
+    row = next(r for r in ROWS if r.id == "ViTForImageClassification")
+    model = _three_adapters(row, attn, deep)
+    names = ["c", "__base__", "b", "default"]
+    x = row.pixels(batch=4)
+    key_mask = torch.ones(4, 17, dtype=torch.bool)
+    key_mask[0, 3:9] = False
+    key_mask[2, 10:12] = False
+    with torch.no_grad():
+        mixed = model(pixel_values=x, attention_mask=key_mask, adapter_names=names).logits
+        unmasked = model(pixel_values=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model(pixel_values=x[i : i + 1], attention_mask=key_mask[i : i + 1]).logits[0]
+            else:
+                model.set_adapter(name)
+                want = model(pixel_values=x[i : i + 1], attention_mask=key_mask[i : i + 1]).logits[0]
+            assert_close_to_scale(mixed[i], want, f"row {i} ({name})")
+    assert (mixed[0] - unmasked[0]).abs().max() > 1e-4  # the mask took effect

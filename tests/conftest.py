@@ -35,3 +35,14 @@ def hub_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and are then immune to other processes competing for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ is stateless and removed by unload; SPT."""
 import pytest
 import torch
 from backbone_helpers import build, check_against_reference, check_spt, layer_prompts, prompt_layers, wrap
+from model_table import perturb_beit_
 from references import beit_reference
 from transformers import BeitBackbone, BeitConfig, BeitForImageClassification, BeitModel
 
@@ -17,22 +18,7 @@ SHARED = dict(use_shared_relative_position_bias=True)
 BOTH = dict(use_relative_position_bias=True, use_shared_relative_position_bias=True, use_mean_pooling=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def perturb_beit_(model) -> None:
-    """BEiT initialises its bias tables to zeros: make them matter."""
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "relative_position_bias_table"):
-                module.relative_position_bias_table.normal_(0.0, 1.0)
-        if hasattr(model, "classifier"):
-            model.classifier.weight.normal_(0.0, 1.0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def _beit(model_cls=BeitModel, attn="sdpa", **extra):

@@ -61,12 +61,7 @@ def _inputs(model):
     return {"pixel_values": PIXELS, **({"input_ids": INPUT_IDS} if hasattr(model, "text_model") else {})}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 @pytest.mark.parametrize("name", list(CASES))

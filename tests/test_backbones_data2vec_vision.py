@@ -6,6 +6,7 @@ states keep the base layout; another resolution; SPT."""
 import pytest
 import torch
 from backbone_helpers import check_against_reference, check_spt, layer_prompts, prompt_layers, wrap
+from model_table import perturb_beit_
 from references import data2vec_vision_reference
 from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification, Data2VecVisionModel
 
@@ -17,22 +18,7 @@ SHARED = dict(use_shared_relative_position_bias=True, use_mean_pooling=False)
 BOTH = dict(use_relative_position_bias=True, use_shared_relative_position_bias=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def perturb_data2vec_(model) -> None:
-    """Data2Vec-Vision initialises its bias tables to zeros: make them matter."""
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "relative_position_bias_table"):
-                module.relative_position_bias_table.normal_(0.0, 1.0)
-        if hasattr(model, "classifier"):
-            model.classifier.weight.normal_(0.0, 1.0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def _model(model_cls=Data2VecVisionModel, attn="sdpa", **extra):
@@ -41,7 +27,7 @@ def _model(model_cls=Data2VecVisionModel, attn="sdpa", **extra):
     config = Data2VecVisionConfig(**SIZE, **extra)
     config._attn_implementation = attn
     model = model_cls(config).eval()
-    perturb_data2vec_(model)
+    perturb_beit_(model)  # a BEiT copy: the same zero-initialised tables
     return model
 
 

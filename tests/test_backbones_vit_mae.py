@@ -17,12 +17,7 @@ PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 NOISE = torch.rand(2, 16, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def _unshuffled(output):

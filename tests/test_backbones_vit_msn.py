@@ -12,12 +12,7 @@ SIZE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermed
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -11,12 +11,7 @@ from peft import get_peft_model
 from peft_visual_prompt import VisualPromptConfig, initialize_prompts, prompt_patch_nmi
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)

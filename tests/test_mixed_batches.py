@@ -20,12 +20,7 @@ from peft_visual_prompt import VisualPromptConfig, VisualPromptLayer
 COUNTS = {"default": 3, "b": 2, "c": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def _three_adapters(row, attn: str, deep: bool, uniform: bool = False, **config):

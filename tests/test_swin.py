@@ -40,13 +40,7 @@ NUM_PROMPTS = 3
 # --------------------------------------------------------------------------------------------------------- models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and immune to other processes competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def pixels(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:

@@ -22,8 +22,8 @@ from .backbones import (
 from .checks import check_bounds, check_loaded_prompts, check_targets_are_layers, check_widths, upgrade_legacy_keys
 from .config import VisualPromptConfig
 from .heads import find_heads, fit_heads_to_checkpoint
-from .mixed import mixed_batch_hooks, plan_mixed_batch
 from .layer import CANNOT_MERGE, PromptSlot, VisualPromptLayer, layer_width
+from .mixed import mixed_batch_hooks, plan_mixed_batch
 from .registration import PREFIX
 
 
@@ -110,8 +110,9 @@ class VisualPromptModel(BaseTuner):
             new_module = layer_cls(target, num_prefix_tokens=peft_config.num_prefix_tokens)
         projection = self._pending_projections.get(new_module.width)
         new_module.update_layer(adapter_name, peft_config, slot, config_patch_size(model_config), projection)
-        if new_module.projection(adapter_name) is not None:
-            self._pending_projections[new_module.width] = new_module.projection(adapter_name)
+        projection = new_module.projection(adapter_name)  # created by the first layer of its width
+        if projection is not None:
+            self._pending_projections[new_module.width] = projection
         if new_module is not target:
             self._replace_module(parent, target_name, new_module, target)
 

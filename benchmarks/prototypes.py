@@ -228,10 +228,8 @@ def run_pass(images: int, deep: bool, cap: int, quick: bool, batch_size: int) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def kmeans_at_cap(quick: bool, k: int = 10, cap: int = 65536) -> dict:
-    """K-means on `cap` real tokens of the model: layer-0 inputs (embeddings only) of enough synthetic images."""
-    from peft_visual_prompt.spt import kmeans
-
+def layer0_tokens(quick: bool, cap: int) -> tuple[torch.Tensor, int, int]:
+    """(`cap` real layer-0 tokens of the model from enough synthetic images, the cap used, the images needed)."""
     model = vit(quick)
     size = model.config.image_size
     per_image = (size // model.config.patch_size) ** 2
@@ -242,7 +240,14 @@ def kmeans_at_cap(quick: bool, k: int = 10, cap: int = 65536) -> dict:
         for start in range(0, needed, 64):
             pixels = torch.stack([image(10_000 + i, size) for i in range(start, min(needed, start + 64))])
             tokens.append(model.vit.embeddings(pixels)[:, 1:].reshape(-1, model.config.hidden_size))
-    tokens = torch.cat(tokens)[:cap].contiguous()
+    return torch.cat(tokens)[:cap].contiguous(), cap, needed
+
+
+def kmeans_at_cap(quick: bool, k: int = 10, cap: int = 65536) -> dict:
+    """K-means on `cap` real tokens of the model: layer-0 inputs (embeddings only) of enough synthetic images."""
+    from peft_visual_prompt.spt import kmeans
+
+    tokens, cap, needed = layer0_tokens(quick, cap)
     start = time.perf_counter()
     result = kmeans(tokens, k)
     return {"cap": cap, "images": needed, "seconds": time.perf_counter() - start, "iterations": result.n_iter}
@@ -313,17 +318,7 @@ def former_kmeans(x: torch.Tensor, k: int, seed: int = 0):
 def bench_seeding(quick: bool, reps: int, k: int = 10, cap: int = 65536) -> dict:
     from peft_visual_prompt.spt import kmeans
 
-    model = vit(quick)
-    size = model.config.image_size
-    per_image = (size // model.config.patch_size) ** 2
-    cap = cap if not quick else 4096
-    needed = -(-cap // per_image)
-    tokens = []
-    with torch.no_grad():
-        for start in range(0, needed, 64):
-            pixels = torch.stack([image(10_000 + i, size) for i in range(start, min(needed, start + 64))])
-            tokens.append(model.vit.embeddings(pixels)[:, 1:].reshape(-1, model.config.hidden_size))
-    x = torch.cat(tokens)[:cap].contiguous()
+    x, cap, _ = layer0_tokens(quick, cap)
     xn = x.numpy()
     rows = []
     for rep in range(reps):

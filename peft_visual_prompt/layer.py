@@ -74,6 +74,7 @@ class MixedBatch:
 class LayerPrompts:
     """What one forward of a prompt layer inserts: one adapter's prompts, or a mixed batch's."""
 
+    adapter: str  # the adapter (a mixed batch: its first; they share slot and mode)
     slot: PromptSlot  # the layer's place in the prompted span (shared by a mixed batch's adapters)
     num_tokens: int  # prompt positions in the sequence (a mixed batch's widest count)
     valid: Optional[torch.Tensor]  # (batch, num_tokens) bool, or None when every position holds a prompt
@@ -194,11 +195,13 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
             if adapter is None:
                 return None
             slot = self.prompt_slot[adapter]
-            return LayerPrompts(slot, slot.num_tokens, None, lambda dtype: self.prompts(adapter, batch_size, dtype))
+            return LayerPrompts(adapter, slot, slot.num_tokens, None,
+                                lambda dtype: self.prompts(adapter, batch_size, dtype))
         if self.disable_adapters or not batch.adapters:
             return None
         slot = self.prompt_slot[batch.adapters[0]]
-        return LayerPrompts(slot, batch.max_count, batch.key_valid(), lambda dtype: self.mixed_prompts(batch, dtype))
+        return LayerPrompts(batch.adapters[0], slot, batch.max_count, batch.key_valid(),
+                            lambda dtype: self.mixed_prompts(batch, dtype))
 
     def mixed_prompts(self, batch: MixedBatch, dtype: torch.dtype) -> torch.Tensor:
         """(batch, max_count, width): each row's adapter's prompts, zero-padded to the widest count ("__base__"

@@ -105,8 +105,7 @@ class SwinPromptLayer(VisualPromptLayer):
             return self.base_layer(hidden_states, input_dimensions, always_partition=always_partition, **kwargs)
 
         slot = layer_prompts.slot
-        adapter = visual_prompt_batch.adapters[0] if visual_prompt_batch is not None else self.active_prompt_adapter()
-        pool = self.pool_prompts.get(adapter, False)  # the same for every adapter of a mixed batch
+        pool = self.pool_prompts.get(layer_prompts.adapter, False)  # the same for every adapter of a mixed batch
         # Prompt outputs are needed when they are carried on (shallow) or pooled (last block).
         keep_prompts = (not slot.deep and not slot.is_last) or (pool and slot.is_last)
 

@@ -148,6 +148,38 @@ def test_kmeans_matches_sklearn_on_vit_tokens_through_initialize_prompts():
         assert math.isclose(layer["inertia"], ours_inertia, rel_tol=1e-3)
 
 
+def plain_lloyd(x: np.ndarray, centers: np.ndarray, steps: int):
+    """Textbook Lloyd in float64 (every point's distances, sums recounted each step): (labels, centres) per step."""
+    history = []
+    for _ in range(steps):
+        d = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+        labels = d.argmin(1)
+        centers = np.stack([x[labels == j].mean(0) for j in range(len(centers))])
+        history.append((labels, centers))
+    return history
+
+
+def test_lloyd_with_updated_sums_takes_the_textbook_steps():
+    # Tokens around a large shared offset, as a residual stream's are; 20 steps, so the sums are updated (not
+    # recounted) many times over points that change cluster.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 24, generator=g) + 40.0 + 0.3 * torch.randn(8, 24, generator=g)[torch.arange(3000) % 8]
+    mu = x.double().mean(0)
+    init = x[:8].double() - mu
+    steps = 20
+    history = plain_lloyd(x.double().numpy(), (init + mu).numpy(), steps)
+    assert all((a[0] != b[0]).sum() > 20 for a, b in zip(history, history[1:]))  # points changed cluster each step
+    final, final_inertia, iters, _, _ = _lloyd(
+        x, ((x.double() - mu) ** 2).sum(1).float(), init.clone(), mu=mu, comm=Comm(None), max_iter=steps,
+        tol_abs=0.0, chunk_size=256, keys=torch.arange(3000),
+    )
+    assert iters == steps
+    # One point in another cluster would move a centre by ~1e-2; float32 rounding of sums of ~40-sized values, ~1e-5.
+    np.testing.assert_allclose((final + mu).numpy(), history[-1][1], rtol=0, atol=1e-4)
+    centers = history[-1][1]
+    assert math.isclose(final_inertia, inertia(x.numpy(), centers), rel_tol=1e-5)
+
+
 def test_empty_clusters_are_reseeded_with_the_farthest_points():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(50, 4, generator=g), torch.randn(50, 4, generator=g) + 20])

@@ -23,7 +23,7 @@ from .comm import Comm
 KMEANS_MAX_ITER = 300
 KMEANS_TOL = 1e-4
 KMEANS_N_INIT = 3  # k-means++ seedings of the sample, the best (lowest potential) refined; the full data once
-KMEANS_SEEDING_SAMPLE: Optional[int] = None  # points seeding uses; None: max(4096, 256 k), capped by the data
+KMEANS_SEEDING_SAMPLE: Optional[int] = None  # points seeding uses; None: max(1024, 100 k), capped by the data
 # Rows per block: blocks of about 1M values (4 MiB of float32, cache-friendly) bound the temporaries, and keep the
 # number of torch calls per Lloyd step small for narrow tokens.
 _CHUNK_ELEMENTS = 1 << 20
@@ -57,7 +57,7 @@ def kmeans(
     """K-means (Lloyd's algorithm) in torch, float32 distances computed block-wise by matmul, on `x`'s device.
 
     Seeding: greedy k-means++ (sklearn's variant, 2 + ln k candidates per step) on a seeding sample of
-    `sample_size` points (default `KMEANS_SEEDING_SAMPLE`, or max(4096, 256 k) when that is None; the whole set when
+    `sample_size` points (default `KMEANS_SEEDING_SAMPLE`, or max(1024, 100 k) when that is None; the whole set when
     smaller), `n_init` times; the seeding with the lowest potential (sample inertia of its seeds) is refined by Lloyd
     on that sample, and the result starts Lloyd on the full data. On CPU it runs on one intra-op thread (`torch.set_num_threads(1)`, restored after): the steps
     are memory-bound, and short multi-threaded kernels stall badly on a machine other processes keep busy. Stopping:
@@ -203,24 +203,32 @@ def _squared_norms(x: torch.Tensor, origin: torch.Tensor, chunk_size: int):
 
 def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, keys):
     """Lloyd iterations. `centers` (float64) are relative to `mu`; points `x` are absolute, `x2` = |x - mu|^2.
-    Returns (centers relative to mu, final inertia, iterations, converged, empty clusters re-seeded)."""
+    Returns (centers relative to mu, final inertia, iterations, converged, empty clusters re-seeded).
+
+    The per-cluster sums are counted from every point once, then updated by the points that changed cluster (float64:
+    sums of float32 points are exact there, so updating equals recounting), which leaves the distances as the only
+    full pass over the points per step. A re-seeded cluster makes the next step recount."""
     n, d = x.shape
     k = centers.shape[0]
-    device = x.device
     mu32 = mu.float()
-    labels = torch.full((n,), -1, dtype=torch.int64, device=device)
-    dmin = torch.empty(n, dtype=torch.float32, device=device)
+    labels = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    dmin = torch.empty(n, dtype=torch.float32, device=x.device)
+    sums = counts = None
     converged, reseeded, it = False, 0, 0
     for it in range(1, max_iter + 1):
-        packed, far = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=True)
+        recount = sums is None
+        packed, far = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=True, recount=recount)
         packed = comm.sum(packed)
-        sums, counts = packed[: k * d].view(k, d), packed[k * d : k * d + k]
+        new_sums, new_counts = packed[: k * d].view(k, d), packed[k * d : k * d + k]
+        sums, counts = (new_sums, new_counts) if recount else (sums + new_sums, counts + new_counts)
         inertia, changed = float(packed[-2].item()), int(packed[-1].item())
         empty = (counts == 0).nonzero().squeeze(1)
         if empty.numel():
             reseeded += empty.numel()
             _reseed_empty(x, labels, keys, far, empty, sums, counts, comm)
         new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None] - mu, centers)
+        if empty.numel():
+            sums = None  # the re-seeded points keep their old labels: recount next step
         if changed == 0 and not empty.numel():
             # Labels as in the step before, so `new` equals the centres this pass used (the same sums of the same
             # points): its inertia is the final one.
@@ -235,34 +243,41 @@ def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, key
     return centers, inertia, it, converged, reseeded
 
 
-def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool):
+def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, recount: bool = True):
     """One assignment pass: labels and squared distances (in `labels`, `dmin`). With `update`: packed = [sums
-    (k*d), counts (k), inertia, changed] (float64) and the local farthest points (distance, index); without:
+    (k*d), counts (k), inertia, changed] (float64) and the local farthest points (distance, index); sums and counts
+    are of every point with `recount`, else the changes from the points that changed cluster. Without `update`:
     packed = [inertia]."""
     n, d = x.shape
     k = centers.shape[0]
     c32 = centers.float()
-    # scores = |c|^2 + 2 mu.c - 2 c.x = |c|^2 - 2 c.(x - mu), without materialising x - mu; (k, rows) is the
-    # faster matmul layout for small k.
-    bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[:, None]
+    # scores = |c|^2 + 2 mu.c - 2 x.c = |c|^2 - 2 (x - mu).c, without materialising x - mu; (rows, k) is the faster
+    # matmul layout for small k on AVX-512 CPUs (about 2x; benchmarks/prototypes.py, docs/spt.md "K-means").
+    bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[None, :]
     previous = labels.clone() if update else None
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     part = torch.empty(k, d, dtype=torch.float32, device=x.device)
     for i in range(0, n, chunk_size):
         block = x[i : i + chunk_size]
-        best, lab = torch.addmm(bias, c32, block.T, alpha=-2.0).min(0)
+        best, lab = torch.addmm(bias, block, c32.T, alpha=-2.0).min(1)
         torch.add(x2[i : i + chunk_size], best, out=dmin[i : i + chunk_size])
         labels[i : i + chunk_size] = lab
-        if update:
+        if update and recount:
             part.zero_().index_add_(0, lab, block)
             sums += part
     dmin.clamp_min_(0)
     inertia = dmin.sum(dtype=torch.float64)
     if not update:
         return inertia[None], None
-    counts = torch.bincount(labels, minlength=k).double()
-    changed = (labels != previous).sum().double()
-    packed = torch.cat([sums.flatten(), counts, inertia[None], changed[None]])
+    moved = (labels != previous).nonzero().squeeze(1)
+    if recount:
+        counts = torch.bincount(labels, minlength=k).double()
+    else:  # previous labels are all >= 0 after a recount
+        points, before, after = x[moved].double(), previous[moved], labels[moved]
+        sums.index_add_(0, after, points).index_add_(0, before, points, alpha=-1)
+        counts = (torch.bincount(after, minlength=k) - torch.bincount(before, minlength=k)).double()
+    changed = torch.tensor([float(moved.numel())], dtype=torch.float64, device=x.device)
+    packed = torch.cat([sums.flatten(), counts, inertia[None], changed])
     top = torch.topk(dmin, min(k, n))
     return packed, (top.values, top.indices)
 

@@ -272,10 +272,12 @@ def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, rec
     moved = (labels != previous).nonzero().squeeze(1)
     if recount:
         counts = torch.bincount(labels, minlength=k).double()
-    else:  # previous labels are all >= 0 after a recount
-        points, before, after = x[moved].double(), previous[moved], labels[moved]
-        sums.index_add_(0, after, points).index_add_(0, before, points, alpha=-1)
-        counts = (torch.bincount(after, minlength=k) - torch.bincount(before, minlength=k)).double()
+    else:  # previous labels are all >= 0 after a recount; blocks of moved points bound the float64 copies
+        for i in range(0, moved.numel(), chunk_size):
+            rows = moved[i : i + chunk_size]
+            points = x[rows].double()
+            sums.index_add_(0, labels[rows], points).index_add_(0, previous[rows], points, alpha=-1)
+        counts = (torch.bincount(labels[moved], minlength=k) - torch.bincount(previous[moved], minlength=k)).double()
     changed = torch.tensor([float(moved.numel())], dtype=torch.float64, device=x.device)
     packed = torch.cat([sums.flatten(), counts, inertia[None], changed])
     top = torch.topk(dmin, min(k, n))

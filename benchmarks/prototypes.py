@@ -366,11 +366,13 @@ def bench_ratio(images: int, batch_size: int, reps: int, quick: bool, strategies
 
     loader = DataLoader(Synthetic(), batch_size=batch_size)
 
-    def forward() -> float:
+    def forward(batches: int | None = None) -> float:
         start = time.perf_counter()
         model.eval()
         with torch.no_grad(), model.disable_adapter():
-            for batch in loader:
+            for i, batch in enumerate(loader):
+                if batches is not None and i == batches:
+                    break
                 model(pixel_values=batch["pixel_values"])
         return time.perf_counter() - start
 
@@ -386,7 +388,7 @@ def bench_ratio(images: int, batch_size: int, reps: int, quick: bool, strategies
         module.PARALLEL_PROTOTYPES, module.OVERLAP_WITH_FORWARD = True, False
         return time.perf_counter() - start, stats
 
-    forward()  # warm-up (allocator, kernels)
+    forward(batches=2)  # warm-up (allocator, kernels)
     rows, previous = [], forward()
     for rep in range(reps):
         for strategy in strategies:

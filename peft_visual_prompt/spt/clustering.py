@@ -23,7 +23,7 @@ from .comm import Comm
 KMEANS_MAX_ITER = 300
 KMEANS_TOL = 1e-4
 KMEANS_N_INIT = 3  # k-means++ seedings of the sample, the best (lowest potential) refined; the full data once
-KMEANS_SEEDING_SAMPLE: Optional[int] = None  # points seeding uses; None: max(1024, 100 k), capped by the data
+KMEANS_SEEDING_SAMPLE: Optional[int] = None  # points seeding uses; None: max(4096, 256 k), capped by the data
 # Rows per block: blocks of about 1M values (4 MiB of float32, cache-friendly) bound the temporaries, and keep the
 # number of torch calls per Lloyd step small for narrow tokens.
 _CHUNK_ELEMENTS = 1 << 20
@@ -57,7 +57,7 @@ def kmeans(
     """K-means (Lloyd's algorithm) in torch, float32 distances computed block-wise by matmul, on `x`'s device.
 
     Seeding: greedy k-means++ (sklearn's variant, 2 + ln k candidates per step) on a seeding sample of
-    `sample_size` points (default `KMEANS_SEEDING_SAMPLE`, or max(1024, 100 k) when that is None; the whole set when
+    `sample_size` points (default `KMEANS_SEEDING_SAMPLE`, or max(4096, 256 k) when that is None; the whole set when
     smaller), `n_init` times; the seeding with the lowest potential (sample inertia of its seeds) is refined by Lloyd
     on that sample, and the result starts Lloyd on the full data. On CPU it runs on one intra-op thread (`torch.set_num_threads(1)`, restored after): the steps
     are memory-bound, and short multi-threaded kernels stall badly on a machine other processes keep busy. Stopping:
@@ -205,9 +205,9 @@ def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, key
     """Lloyd iterations. `centers` (float64) are relative to `mu`; points `x` are absolute, `x2` = |x - mu|^2.
     Returns (centers relative to mu, final inertia, iterations, converged, empty clusters re-seeded).
 
-    The per-cluster sums are counted from every point once, then updated by the points that changed cluster (float64:
-    sums of float32 points are exact there, so updating equals recounting), which leaves the distances as the only
-    full pass over the points per step. A re-seeded cluster makes the next step recount."""
+    The per-cluster float64 sums are counted from every point once, then updated by the points that changed cluster
+    (the same sums to float64 rounding), which leaves the distances as the only full pass over the points per step.
+    A re-seeded cluster makes the next step recount."""
     n, d = x.shape
     k = centers.shape[0]
     mu32 = mu.float()
@@ -256,15 +256,13 @@ def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, rec
     bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[None, :]
     previous = labels.clone() if update else None
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
-    part = torch.empty(k, d, dtype=torch.float32, device=x.device)
     for i in range(0, n, chunk_size):
         block = x[i : i + chunk_size]
         best, lab = torch.addmm(bias, block, c32.T, alpha=-2.0).min(1)
         torch.add(x2[i : i + chunk_size], best, out=dmin[i : i + chunk_size])
         labels[i : i + chunk_size] = lab
         if update and recount:
-            part.zero_().index_add_(0, lab, block)
-            sums += part
+            sums.index_add_(0, lab, block.double())
     dmin.clamp_min_(0)
     inertia = dmin.sum(dtype=torch.float64)
     if not update:

@@ -270,3 +270,26 @@ def test_a_broken_config_file_names_itself(saved, text):
     path.write_text(text)
     with pytest.raises(ValueError, match=rf"{path}"):
         VisualPromptConfig.from_pretrained(adapter_dir)
+
+
+# The two paths that read a file before this package runs (README, "Limitations"). Each must still fail loudly (a
+# silent load is a real failure here); only the message's missing file name is the expected failure. Strict: the day
+# PEFT or transformers names the file, these pass, the run fails, and the README's limitation must go.
+UPSTREAM_READS_FIRST = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="read by PEFT (PeftConfigMixin.from_json_file) or transformers (load_adapter) before this "
+    "package is involved; naming the file needs a change there")
+
+
+@UPSTREAM_READS_FIRST
+@pytest.mark.parametrize("path_of", ["config_peft", "config_transformers", "weights_transformers"])
+def test_upstream_reads_name_the_broken_file(saved, path_of):
+    base_dir, adapter_dir, _, _ = saved
+    name = "adapter_config.json" if path_of.startswith("config") else "adapter_model.safetensors"
+    path = adapter_dir / name
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(Exception) as error:
+        if path_of == "config_peft":
+            PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base_dir), adapter_dir)
+        else:
+            AutoModelForImageClassification.from_pretrained(base_dir).load_adapter(str(adapter_dir))
+    assert str(path) in str(error.value)

@@ -295,16 +295,19 @@ def former_kmeans(x: torch.Tensor, k: int, seed: int = 0):
     original = c._kmeans_plusplus
     box = {}
 
-    def plusplus(sample, k_, gen):
-        # Called n_init times by the current code; here: run Lloyd from each seeding and report the Lloyd result's
-        # inertia as the "potential", so that the current selection picks the former best.
-        centers, _ = original(sample, k_, gen)
-        tol = box["tol"]
-        refined, inertia, _, _, _ = c._lloyd(sample, (sample * sample).sum(1), centers,
-                                             mu=torch.zeros(sample.shape[1], dtype=torch.float64), comm=Comm(None),
-                                             max_iter=c.KMEANS_MAX_ITER, tol_abs=tol, chunk_size=4096,
-                                             keys=torch.arange(sample.shape[0]))
-        return refined, inertia
+    def plusplus(sample, k_, gen, n_init):
+        # The current code picks one of n_init seedings by potential; here: run Lloyd from each seeding (drawn one
+        # after the other, as the current code draws them) and keep the lowest Lloyd inertia, the former choice.
+        best = None
+        for _ in range(n_init):
+            centers, _ = original(sample, k_, gen, 1)
+            refined, inertia, _, _, _ = c._lloyd(
+                sample, (sample * sample).sum(1), centers, mu=torch.zeros(sample.shape[1], dtype=torch.float64),
+                comm=Comm(None), max_iter=c.KMEANS_MAX_ITER, tol_abs=box["tol"], chunk_size=4096,
+                keys=torch.arange(sample.shape[0]))
+            if best is None or inertia < best[1]:
+                best = (refined, inertia)
+        return best
 
     # tol_abs as `_cluster` computes it (mean per-feature variance of all points)
     box["tol"] = float(c.KMEANS_TOL * x.double().var(0, unbiased=False).mean())

@@ -132,11 +132,7 @@ def _cluster(x, k, sample, keys, comm: Comm, n_total, *, seed, max_iter, tol, n_
     # sample, then on all points. Choosing among seedings by their potential instead of running Lloyd from each
     # costs one Lloyd run on the sample instead of n_init (docs/spt.md, "K-means").
     gen = torch.Generator().manual_seed(int(seed))
-    init, potential = None, None
-    for _ in range(max(1, n_init)):
-        candidate, candidate_potential = _kmeans_plusplus(sample, k, gen)
-        if potential is None or candidate_potential < potential:
-            init, potential = candidate, candidate_potential
+    init, _ = _kmeans_plusplus(sample, k, gen, max(1, n_init))
     centers, inertia, iters, _, _ = _lloyd(
         sample, sample_x2, init, mu=zero, comm=Comm(None), max_iter=max_iter, tol_abs=tol_abs,
         chunk_size=chunk_size, keys=torch.arange(sample.shape[0], device=device),
@@ -165,28 +161,44 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (Arthur & Vassilvitskii; sklearn's `_kmeans_plusplus`) on centred float32 points.
-    Random numbers come from a CPU generator, so the result does not depend on the device. Returns the centres
-    (float64) and their potential (the sum of squared distances of the points to their nearest centre, a float)."""
+def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator, n_init: int = 1):
+    """Greedy k-means++ (Arthur & Vassilvitskii; sklearn's `_kmeans_plusplus`) on centred float32 points, `n_init`
+    seedings at once. Returns the centres (float64) of the seeding with the lowest potential (the sum of squared
+    distances of the points to their nearest centre; ties: the first) and that potential (a float).
+
+    The seedings run in lockstep so that each step reads the points once for all of them (one matmul of all their
+    candidates: the step is bound by reading the points, not by the candidates' count). Random numbers come from a
+    CPU generator, drawn seeding after seeding in the order of running them one after the other, so the result does
+    not depend on the device or on `n_init` running in lockstep."""
     n, device = x.shape[0], x.device
     trials = 2 + int(math.log(k))
+    firsts, draws = [], []
+    for _ in range(n_init):
+        firsts.append(int(torch.randint(n, (1,), generator=gen).item()))
+        draws.append(torch.rand(k - 1, trials, generator=gen, dtype=torch.float64))
+    draws = torch.stack(draws, 1).to(device)  # (k - 1, n_init, trials)
+    seedings = torch.arange(n_init, device=device)
+    chosen = torch.empty(n_init, k, dtype=torch.int64, device=device)
+    chosen[:, 0] = torch.tensor(firsts, device=device)
     x2 = (x * x).sum(1)
-    centers = torch.empty(k, x.shape[1], dtype=torch.float64, device=device)
-    first = int(torch.randint(n, (1,), generator=gen).item())
-    centers[0] = x[first].double()
-    closest = (x2 - 2 * (x @ x[first]) + x2[first]).clamp_min_(0)
-    potential = closest.double().sum()
+    closest = _distances_to(x, x2, chosen[:, 0])  # (n_init, n)
+    potential = closest.double().sum(1)
     for c in range(1, k):
-        draws = torch.rand(trials, generator=gen, dtype=torch.float64).to(device) * potential
-        candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
-        dist = (x2[None, :] - 2 * (x[candidates] @ x.T) + x2[candidates, None]).clamp_min_(0)
-        torch.minimum(dist, closest[None, :], out=dist)
-        potentials = dist.double().sum(1)
-        best = int(torch.argmin(potentials).item())
-        closest, potential = dist[best], potentials[best]
-        centers[c] = x[candidates[best]].double()
-    return centers, float(potential)
+        cumulative = torch.cumsum(closest.double(), 1)
+        candidates = torch.searchsorted(cumulative, draws[c - 1] * potential[:, None]).clamp_(max=n - 1)
+        dist = _distances_to(x, x2, candidates.flatten()).view(n_init, trials, n)
+        torch.minimum(dist, closest[:, None, :], out=dist)
+        potentials = dist.double().sum(2)  # (n_init, trials)
+        best = torch.argmin(potentials, 1)
+        closest, potential = dist[seedings, best], potentials[seedings, best]
+        chosen[:, c] = candidates[seedings, best]
+    winner = int(torch.argmin(potential).item())
+    return x[chosen[winner]].double(), float(potential[winner])
+
+
+def _distances_to(x: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Squared distances (float32, clamped at 0) of every point to the points `rows`: shape (len(rows), n)."""
+    return (x2[None, :] - 2 * (x[rows] @ x.T) + x2[rows, None]).clamp_min_(0)
 
 
 def _squared_norms(x: torch.Tensor, origin: torch.Tensor, chunk_size: int):
@@ -253,12 +265,12 @@ def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, rec
     c32 = centers.float()
     # scores = |c|^2 + 2 mu.c - 2 x.c = |c|^2 - 2 (x - mu).c, without materialising x - mu; (rows, k) is the faster
     # matmul layout for small k on AVX-512 CPUs (about 2x; benchmarks/prototypes.py, docs/spt.md "K-means").
-    bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[None, :]
+    bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[:, None]
     previous = labels.clone() if update else None
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk_size):
         block = x[i : i + chunk_size]
-        best, lab = torch.addmm(bias, block, c32.T, alpha=-2.0).min(1)
+        best, lab = torch.addmm(bias, c32, block.T, alpha=-2.0).min(0)
         torch.add(x2[i : i + chunk_size], best, out=dmin[i : i + chunk_size])
         labels[i : i + chunk_size] = lab
         if update and recount:

@@ -180,6 +180,32 @@ def test_lloyd_with_updated_sums_takes_the_textbook_steps():
     assert math.isclose(final_inertia, inertia(x.numpy(), centers), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "addmm"])
+def test_both_distance_kernels_find_the_float64_nearest_centres(kernel, monkeypatch):
+    # The assignment step scores by oneDNN's linear on CPU where torch has it, else by addmm: each must give the
+    # nearest centre and its distance as float64 does, on tokens around a large shared offset.
+    from peft_visual_prompt.spt import clustering
+
+    if kernel == "addmm":
+        monkeypatch.setattr(clustering, "_onednn_linear", lambda: None)
+    elif clustering._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5000, 96, generator=g) + 30.0
+    mu = x.double().mean(0)
+    centers = x[:10].double() - mu + torch.randn(10, 96, generator=g, dtype=torch.float64)
+    labels, dmin = torch.full((5000,), -1), torch.empty(5000)
+    x2 = ((x.double() - mu) ** 2).sum(1).float()
+    packed = clustering._assign(x, x2, centers, mu.float(), labels, dmin, 1024, update=False)
+    d = ((x.double()[:, None, :] - (centers + mu)[None]) ** 2).sum(-1)
+    nearest = d.topk(2, dim=1, largest=False).values
+    clear = nearest[:, 1] - nearest[:, 0] > 1e-4 * nearest[:, 0]  # not a tie at float32 precision
+    assert clear.float().mean() > 0.95
+    assert torch.equal(labels[clear], d.argmin(1)[clear])
+    torch.testing.assert_close(dmin.double(), nearest[:, 0], rtol=1e-5, atol=1e-3)
+    assert math.isclose(packed[0].item(), nearest[:, 0].sum().item(), rel_tol=1e-6)
+
+
 def test_empty_clusters_are_reseeded_with_the_farthest_points():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(50, 4, generator=g), torch.randn(50, 4, generator=g) + 20])

@@ -10,6 +10,7 @@ not shadow it. See docs/spt.md, "K-means" and "Distribution".
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, key
     converged, reseeded, it = False, 0, 0
     for it in range(1, max_iter + 1):
         recount = sums is None
-        packed, far = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=True, recount=recount)
+        packed = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=True, recount=recount)
         packed = comm.sum(packed)
         new_sums, new_counts = packed[: k * d].view(k, d), packed[k * d : k * d + k]
         sums, counts = (new_sums, new_counts) if recount else (sums + new_sums, counts + new_counts)
@@ -237,7 +238,7 @@ def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, key
         empty = (counts == 0).nonzero().squeeze(1)
         if empty.numel():
             reseeded += empty.numel()
-            _reseed_empty(x, labels, keys, far, empty, sums, counts, comm)
+            _reseed_empty(x, labels, keys, dmin, empty, sums, counts, comm)
         new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None] - mu, centers)
         if empty.numel():
             sums = None  # the re-seeded points keep their old labels: recount next step
@@ -250,35 +251,32 @@ def _lloyd(x, x2, centers, *, mu, comm: Comm, max_iter, tol_abs, chunk_size, key
         if shift <= tol_abs:
             converged = True
             break
-    packed, _ = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=False)
+    packed = _assign(x, x2, centers, mu32, labels, dmin, chunk_size, update=False)
     inertia = float(comm.sum(packed)[0].item())
     return centers, inertia, it, converged, reseeded
 
 
 def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, recount: bool = True):
     """One assignment pass: labels and squared distances (in `labels`, `dmin`). With `update`: packed = [sums
-    (k*d), counts (k), inertia, changed] (float64) and the local farthest points (distance, index); sums and counts
-    are of every point with `recount`, else the changes from the points that changed cluster. Without `update`:
-    packed = [inertia]."""
+    (k*d), counts (k), inertia, changed] (float64); sums and counts are of every point with `recount`, else the
+    changes from the points that changed cluster. Without `update`: packed = [inertia]."""
     n, d = x.shape
     k = centers.shape[0]
     c32 = centers.float()
-    # scores = |c|^2 + 2 mu.c - 2 x.c = |c|^2 - 2 (x - mu).c, without materialising x - mu; (rows, k) is the faster
-    # matmul layout for small k on AVX-512 CPUs (about 2x; benchmarks/prototypes.py, docs/spt.md "K-means").
-    bias = ((c32 * c32).sum(1) + 2.0 * (c32 @ mu32))[:, None]
+    # scores = |c|^2 + 2 mu.c - 2 x.c = |x - c|^2 - |x - mu|^2, without materialising x - mu
+    scores = _scorer(c32, (c32 * c32).sum(1) + 2.0 * (c32 @ mu32))
     previous = labels.clone() if update else None
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk_size):
         block = x[i : i + chunk_size]
-        best, lab = torch.addmm(bias, c32, block.T, alpha=-2.0).min(0)
-        torch.add(x2[i : i + chunk_size], best, out=dmin[i : i + chunk_size])
-        labels[i : i + chunk_size] = lab
+        lab = labels[i : i + chunk_size]
+        scores(block, dmin[i : i + chunk_size], lab)
         if update and recount:
             sums.index_add_(0, lab, block.double())
-    dmin.clamp_min_(0)
+    dmin.add_(x2).clamp_min_(0)
     inertia = dmin.sum(dtype=torch.float64)
     if not update:
-        return inertia[None], None
+        return inertia[None]
     moved = (labels != previous).nonzero().squeeze(1)
     if recount:
         counts = torch.bincount(labels, minlength=k).double()
@@ -289,15 +287,46 @@ def _assign(x, x2, centers, mu32, labels, dmin, chunk_size, *, update: bool, rec
             sums.index_add_(0, labels[rows], points).index_add_(0, previous[rows], points, alpha=-1)
         counts = (torch.bincount(labels[moved], minlength=k) - torch.bincount(previous[moved], minlength=k)).double()
     changed = torch.tensor([float(moved.numel())], dtype=torch.float64, device=x.device)
-    packed = torch.cat([sums.flatten(), counts, inertia[None], changed])
-    top = torch.topk(dmin, min(k, n))
-    return packed, (top.values, top.indices)
+    return torch.cat([sums.flatten(), counts, inertia[None], changed])
 
 
-def _reseed_empty(x, labels, keys, far, empty, sums, counts, comm: Comm) -> None:
+def _scorer(c32: torch.Tensor, bias: torch.Tensor):
+    """A function (block, best_out, label_out) writing each row's lowest score `bias - 2 row.c` and its centre.
+
+    On CPU the scores come from oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, what torch's own
+    compiler emits for CPU linears): it is generated for the running CPU, while MKL's sgemm for these skinny shapes
+    ran 1.3-1.9x slower on an AMD EPYC and preferred the other layout on an Intel CPU (docs/spt.md, "K-means").
+    Elsewhere, or in a torch build without it: one addmm in the (k, rows) layout."""
+    if c32.device.type == "cpu" and torch.backends.mkldnn.enabled and _onednn_linear() is not None:
+        linear, weight = _onednn_linear(), c32 * -2.0  # times a power of two: exact
+
+        def scores(block, best_out, label_out):
+            torch.min(linear(block, weight, bias, "none", [], ""), 1, out=(best_out, label_out))
+    else:
+        def scores(block, best_out, label_out):
+            torch.min(torch.addmm(bias[:, None], c32, block.T, alpha=-2.0), 0, out=(best_out, label_out))
+    return scores
+
+
+@functools.cache
+def _onednn_linear():
+    """torch's oneDNN linear op if this build has it and it computes a linear (checked once); else None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.rand(shape, generator=gen) for shape in ((37, 24), (5, 24), (5,)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.T), rtol=1e-5, atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return op if ok else None
+
+
+def _reseed_empty(x, labels, keys, dmin, empty, sums, counts, comm: Comm) -> None:
     """Moves the points farthest from their centroids (over all ranks; ties: smaller key first) into the empty
     clusters, updating sums and counts in place, identically on every rank."""
-    dist, idx = far
+    dist, idx = torch.topk(dmin, min(sums.shape[0], dmin.shape[0]))
     cand_d = comm.gather_rows(dist.double())
     cand_k = comm.gather_rows(keys[idx])
     cand_l = comm.gather_rows(labels[idx])

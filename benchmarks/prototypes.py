@@ -34,12 +34,20 @@ E. K-means seeding, former against current, on `cap` real tokens of this model (
    the best; the current one keeps the seeding with the lowest potential and refines only it. Both then run Lloyd on
    all tokens; inertia is recomputed in float64.
 
+F. The distance kernel of the Lloyd steps. The 12 layers' inputs of ViT-B/16 over N synthetic images (CLS excluded,
+   what the deep pass clusters), each clustered into k = 10 one layer after the other on one thread, with each way
+   of scoring a block of rows against the centres: oneDNN's linear (the default on CPU where torch has it), addmm
+   in the (k, rows) layout (the fallback) and addmm in the (rows, k) layout (the former default). Alternating by
+   repetition; the table shows the seconds for the 12 layers, their Lloyd iterations on all tokens, and the sum of
+   the 12 inertias, which differ between kernels only by rounding.
+
 Usage:
     python benchmarks/prototypes.py --section seeding --reps 3 --cap 6272   # 32 images' worth of tokens
     python benchmarks/prototypes.py --section seeding --reps 1              # the default cap, 65,536
     python benchmarks/prototypes.py                  # all sections (about 8 minutes on 2 busy cores)
     python benchmarks/prototypes.py --section ratio --images 32 --reps 2
     python benchmarks/prototypes.py --section kmeans --reps 3
+    python benchmarks/prototypes.py --section kernel --images 32 --reps 3
     python benchmarks/prototypes.py --quick          # small sizes, a smoke run
 """
 
@@ -284,6 +292,72 @@ def report_memory(runs: list[dict]) -> None:
     print()
 
 
+# ----------------------------------------------------------------------------------------------- section F
+
+
+def layer_inputs(images: int, batch_size: int, quick: bool) -> list[torch.Tensor]:
+    """What each of the model's layers receives over `images` synthetic images, CLS excluded: (tokens, width) each."""
+    model = vit(quick)
+    size, per_layer = model.config.image_size, None
+    with torch.no_grad():
+        for start in range(0, images, batch_size):
+            pixels = torch.stack([image(i, size) for i in range(start, min(images, start + batch_size))])
+            states = model(pixel_values=pixels, output_hidden_states=True).hidden_states[:-1]
+            batch = [h[:, 1:].reshape(-1, h.shape[-1]) for h in states]
+            per_layer = batch if per_layer is None else [torch.cat(pair) for pair in zip(per_layer, batch)]
+    return per_layer
+
+
+def former_scorer(c32: torch.Tensor, bias: torch.Tensor):
+    """The former Lloyd-step scoring: one addmm per block in the (rows, k) layout."""
+    def scores(block, best_out, label_out):
+        torch.min(torch.addmm(bias[None, :], block, c32.T, alpha=-2.0), 1, out=(best_out, label_out))
+    return scores
+
+
+def bench_kernel(images: int, batch_size: int, reps: int, quick: bool, k: int = 10) -> dict:
+    from peft_visual_prompt.spt import clustering
+
+    layers = layer_inputs(images, batch_size, quick)
+    default_scorer, probe = clustering._scorer, clustering._onednn_linear
+    kernels = {"oneDNN linear": (default_scorer, probe), "addmm (k, rows)": (default_scorer, lambda: None),
+               "addmm (rows, k), former": (former_scorer, probe)}
+    if probe() is None:
+        del kernels["oneDNN linear"]
+    rows = []
+    try:
+        clustering.kmeans(layers[0], k)  # warm-up
+        for rep in range(reps):
+            for name, (scorer, onednn) in kernels.items():
+                clustering._scorer, clustering._onednn_linear = scorer, onednn
+                start = time.perf_counter()
+                results = [clustering.kmeans(x, k) for x in layers]
+                rows.append({"rep": rep + 1, "kernel": name, "seconds": time.perf_counter() - start,
+                             "iterations": [r.n_iter for r in results],
+                             "inertia": sum(r.inertia for r in results)})
+    finally:
+        clustering._scorer, clustering._onednn_linear = default_scorer, probe
+    return {"images": images, "tokens": layers[0].shape[0], "layers": len(layers), "rows": rows}
+
+
+def report_kernel(res: dict) -> None:
+    print(f"### F. The Lloyd steps' distance kernel: K-means of {res['layers']} layers' inputs, {res['images']} images "
+          f"({res['tokens']:,} tokens a layer), k = 10, one thread, layers one after the other\n")
+    print("| rep | kernel | seconds (all layers) | Lloyd iterations on all tokens, per layer | sum of inertias |")
+    print("|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['rep']} | {r['kernel']} | {r['seconds']:.2f} | {' '.join(map(str, r['iterations']))} | "
+              f"{r['inertia']:.7e} |")
+    medians = {}
+    for r in res["rows"]:
+        medians.setdefault(r["kernel"], []).append(r["seconds"])
+    base = statistics.median(medians["addmm (rows, k), former"])
+    for name, seconds in medians.items():
+        print(f"- {name}: median {statistics.median(seconds):.2f} s, "
+              f"{base / statistics.median(seconds):.2f}x the former kernel's speed")
+    print()
+
+
 # ----------------------------------------------------------------------------------------------- section E
 
 
@@ -427,9 +501,21 @@ def report_ratio(res: dict, quick: bool) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the distance kernels' speeds depend on it), or the machine type where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio", "seeding"], default="all")
+    parser.add_argument("--section", choices=["all", "kmeans", "pass", "memory", "ratio", "seeding", "kernel"],
+                        default="all")
     parser.add_argument("--cap", type=int, default=65536, help="section E's token count (6,272 = 32 images)")
     parser.add_argument("--strategies", default="kmeans,mean,max,random",
                         help="section D's strategies; 'kmeans-sequential' runs the layers' K-means one after the "
@@ -451,7 +537,7 @@ def main() -> None:
         args.tokens, args.dim, args.images, args.reps, args.batch_size = 20_000, 64, 8, 1, 4
 
     print(f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/prototypes.py', *sys.argv[1:]])}`\n")
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} CPU(s), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.1f}\n")
     if args.section in ("all", "kmeans"):
@@ -465,6 +551,8 @@ def main() -> None:
     if args.section in ("all", "ratio"):
         report_ratio(bench_ratio(args.images, args.batch_size, args.reps, args.quick, args.strategies.split(",")),
                      args.quick)
+    if args.section in ("all", "kernel"):
+        report_kernel(bench_kernel(args.images, args.batch_size, args.reps, args.quick))
     if args.section in ("all", "memory"):
         cap = 4096 if not args.quick else 64
         runs = [run_pass(n, True, cap, args.quick, args.batch_size) for n in (args.images, 2 * args.images)]

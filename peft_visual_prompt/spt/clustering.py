@@ -169,8 +169,8 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator, n_init: int 
 
     The seedings run in lockstep so that each step reads the points once for all of them (one matmul of all their
     candidates: the step is bound by reading the points, not by the candidates' count). Random numbers come from a
-    CPU generator, drawn seeding after seeding in the order of running them one after the other, so the result does
-    not depend on the device or on `n_init` running in lockstep."""
+    CPU generator, so the result does not depend on the device, and are drawn seeding after seeding, so the seeds
+    are those of running the seedings one after the other."""
     n, device = x.shape[0], x.device
     trials = 2 + int(math.log(k))
     firsts, draws = [], []

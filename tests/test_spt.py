@@ -131,6 +131,13 @@ def test_kmeans_matches_sklearn_on_blobs():
     assert ours.converged
 
 
+def test_kmeans_accepts_tokens_that_require_grad():
+    # Tokens taken from a model in training mode carry grad; K-means treats them as data, with the same result.
+    x = torch.from_numpy(make_blobs(n_samples=600, centers=4, n_features=8, random_state=1)[0]).float()
+    ours = kmeans(x.clone().requires_grad_(True), 4, seed=0)
+    assert torch.equal(ours.centroids, kmeans(x, 4, seed=0).centroids) and not ours.centroids.requires_grad
+
+
 def test_kmeans_matches_sklearn_on_vit_tokens_through_initialize_prompts():
     digits = load_digits()
     images = torch.from_numpy(digits.images[:480] / 16.0).float()[:, None]  # (n, 1, 8, 8) in [0, 1]

@@ -82,7 +82,7 @@ def kmeans_on(x, k, *, comm: Comm, seed=0, max_iter=KMEANS_MAX_ITER, tol=KMEANS_
     """`kmeans` over an existing `Comm` (what the prototype pass calls)."""
     if x.ndim != 2:
         raise ValueError(f"kmeans expects a 2-D (points, features) tensor, got shape {tuple(x.shape)}.")
-    with _one_cpu_thread(x.device):
+    with _one_cpu_thread(x.device), torch.no_grad():  # centroids are data, not a function to differentiate
         x = x.float() if x.dtype != torch.float32 else x
         chunk_size = chunk_size or max(1024, _CHUNK_ELEMENTS // max(x.shape[1], k))
         if keys is None:

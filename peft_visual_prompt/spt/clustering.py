@@ -294,8 +294,9 @@ def _scorer(c32: torch.Tensor, bias: torch.Tensor):
     """A function (block, best_out, label_out) writing each row's lowest score `bias - 2 row.c` and its centre.
 
     On CPU the scores come from oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, what torch's own
-    compiler emits for CPU linears): it is generated for the running CPU, while MKL's sgemm for these skinny shapes
-    ran 1.3-1.9x slower on an AMD EPYC and preferred the other layout on an Intel CPU (docs/spt.md, "K-means").
+    compiler emits for CPU linears): its code is generated for the running CPU, while MKL's sgemm handles these
+    skinny shapes poorly and prefers another layout on each CPU (on an AMD EPYC, K-means with it took 1.2x or 1.7x
+    as long, by layout; benchmarks/prototypes.py --section kernel, docs/spt.md "K-means").
     Elsewhere, or in a torch build without it: one addmm in the (k, rows) layout."""
     if c32.device.type == "cpu" and torch.backends.mkldnn.enabled and _onednn_linear() is not None:
         linear, weight = _onednn_linear(), c32 * -2.0  # times a power of two: exact

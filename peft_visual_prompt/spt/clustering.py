@@ -298,8 +298,9 @@ def _scorer(c32: torch.Tensor, bias: torch.Tensor):
     skinny shapes poorly and prefers another layout on each CPU (on an AMD EPYC, K-means with it took 1.2x or 1.7x
     as long, by layout; benchmarks/prototypes.py --section kernel, docs/spt.md "K-means").
     Elsewhere, or in a torch build without it: one addmm in the (k, rows) layout."""
-    if c32.device.type == "cpu" and torch.backends.mkldnn.enabled and _onednn_linear() is not None:
-        linear, weight = _onednn_linear(), c32 * -2.0  # times a power of two: exact
+    linear = _onednn_linear() if c32.device.type == "cpu" and torch.backends.mkldnn.enabled else None
+    if linear is not None:
+        weight = c32 * -2.0  # times a power of two: exact
 
         def scores(block, best_out, label_out):
             torch.min(linear(block, weight, bias, "none", [], ""), 1, out=(best_out, label_out))
